@@ -23,6 +23,7 @@ HEADS = ("gap", "fc", "fc_dropout")
 INITS = ("he", "caffe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Head = Literal["gap", "fc", "fc_dropout"]
+LAST_LAYER_STD = 0.01  # `he` init: std of the per-class 1x1 layer (Caffe's cccp8 uses 0.01 too).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,10 @@ class NIN(nnx.Module):
         inits = [nnx.initializers.normal(std) for std in block.init_stds]
       else:
         inits = [nnx.initializers.he_normal()] * len(block.features)
+        if block is spec.blocks[-1]:
+          # The per-class layer starts small so the initial logits are near 0 (loss
+          # ln(C)) rather than large; large first gradients are what kill its ReLU.
+          inits[-1] = nnx.initializers.normal(LAST_LAYER_STD)
       blocks.append(layers.MLPConv(
           in_features, block.features, kernel_size=block.kernel_size, stride=block.stride,
           padding=block.padding, kernel_inits=inits, dtype=self.dtype, rngs=rngs))

@@ -1,0 +1,116 @@
+"""Default config and validation shared by every file in `experiments/`.
+
+Experiment files start from `default_config()` and change what their recipe needs,
+so every config has the same keys and a typo in a key is an error, not a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from nin_jax.errors import ConfigError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = "fashion_mnist"  # datasets.DATASETS
+  c.data_dir = ""  # TFDS data_dir ("" = TFDS default).
+  c.manual_dir = ""  # ImageNet tar files ("" = <data_dir>/downloads/manual).
+  c.download = True  # Let TFDS download small data sets that are not prepared.
+  c.preprocess = "standardize"  # standardize | gcn_zca | lcn | none | caffe_mean (ImageNet)
+  c.augment = "none"  # none | flip | crop | crop_flip ; ImageNet: inception | caffe
+  c.image_size = 0  # 0 = the data set's native size (224 for ImageNet).
+  c.train_examples = 0  # > 0: use only the first N training examples.
+  c.eval_examples = 0  # > 0: evaluate on the first N examples only (the default is all).
+  c.shuffle_buffer = 16_384  # ImageNet (tf.data) only.
+  # Model.
+  c.model = "nin_mnist"  # models.VARIANTS
+  c.head = "gap"  # gap | fc | fc_dropout
+  c.init = "he"  # he | caffe
+  c.pool2 = ""  # "" = the variant's own; "avg" = the Caffe CIFAR-10 port.
+  c.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+  # Optimisation.
+  c.batch_size = 128  # Global, over all devices of all hosts.
+  c.num_epochs = 1.0
+  c.num_train_steps = -1  # > 0 wins over num_epochs.
+  c.optimizer = "sgd"  # sgd | adamw
+  c.learning_rate = 0.01
+  c.base_batch_size = 0  # > 0: lr scales linearly with batch_size / base_batch_size.
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 5e-4
+  c.schedule = "step"  # constant | step | cosine
+  c.warmup_epochs = 0.0
+  c.decay_epochs = ()  # step schedule: multiply by decay_factor at these epochs.
+  c.decay_factor = 0.1
+  c.bias_lr_mult = 2.0  # Caffe: biases learn 2x faster...
+  c.bias_weight_decay = False  # ...and get no weight decay.
+  c.layer_lr_mults = ml_collections.ConfigDict()  # e.g. {"cccp6": 0.1}
+  c.label_smoothing = 0.0
+  # Bookkeeping.
+  c.seed = 0
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0 = once per epoch.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_batch_size = 512  # Rounded up to a multiple of the device count; padding is masked.
+  c.stuck_loss_steps = 300  # Warn when the loss sits at ln(num_classes) this long.
+  return c
+
+
+VALID_CHOICES = {
+    "head": ("gap", "fc", "fc_dropout"),
+    "init": ("he", "caffe"),
+    "dtype": ("float32", "bfloat16"),
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("constant", "step", "cosine"),
+    "pool2": ("", "max", "avg"),
+}
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+  """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
+  from nin_jax import datasets, models  # Local: keeps config files importable without JAX.
+
+  unknown = sorted(set(config.keys()) - set(default_config().keys()))
+  if unknown:
+    raise ConfigError(f"Unknown config key(s) {', '.join(unknown)}; valid keys are listed in "
+                      "nin_jax/configs.py:default_config().")
+  if config.dataset not in datasets.DATASETS:
+    raise ConfigError(f"Unknown dataset {config.dataset!r}; choose one of: {', '.join(datasets.DATASETS)}.")
+  if config.model not in models.VARIANTS:
+    raise ConfigError(f"Unknown model {config.model!r}; choose one of: {', '.join(models.VARIANTS)}.")
+  for key, choices in VALID_CHOICES.items():
+    if config[key] not in choices:
+      raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: "
+                        f"{', '.join(repr(c) if not c else c for c in choices)}.")
+  streaming = not datasets.DATASETS[config.dataset].in_memory
+  augments = ("none", "inception", "caffe") if streaming else ("none", "flip", "crop", "crop_flip")
+  preprocesses = ("caffe_mean", "standardize") if streaming else ("standardize", "gcn_zca", "lcn", "none")
+  if config.augment not in augments:
+    raise ConfigError(f"Unknown augment {config.augment!r} for {config.dataset}; choose one of: "
+                      f"{', '.join(augments)}.")
+  if config.preprocess not in preprocesses:
+    raise ConfigError(f"Unknown preprocess {config.preprocess!r} for {config.dataset}; choose one of: "
+                      f"{', '.join(preprocesses)}.")
+  if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+    raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
+  if config.batch_size % device_count:
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {device_count} devices; "
+                      f"use a multiple of {device_count}.")
+  if not isinstance(config.eval_batch_size, int) or config.eval_batch_size <= 0:
+    raise ConfigError(f"eval_batch_size must be a positive integer, got {config.eval_batch_size!r}.")
+  if config.batch_size % process_count:
+    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts.")
+  lr = config.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ConfigError(f"learning_rate must be a positive finite number, got {lr!r}.")
+  if config.num_train_steps <= 0 and not config.num_epochs > 0:
+    raise ConfigError("Set num_epochs > 0 or num_train_steps > 0.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[key] <= 0:
+      raise ConfigError(f"{key} must be positive, got {config[key]}.")

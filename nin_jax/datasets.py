@@ -1,0 +1,128 @@
+"""What each supported data set is, and loading the small ones into memory.
+
+The small data sets (MNIST, Fashion-MNIST, CIFAR, SVHN: at most 250 MB as uint8)
+are held whole in host memory and batched with NumPy: on a 2-core machine a
+streaming pipeline competes with the training step for the cores, while indexing
+an in-memory array costs nothing. ImageNet streams through tf.data
+(`input_pipeline.imagenet_*`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+
+from nin_jax.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  tfds_name: str
+  num_classes: int
+  image_size: int
+  channels: int
+  train_split: str
+  eval_split: str
+  in_memory: bool = True
+
+
+DATASETS = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", "fashion_mnist", 10, 28, 1, "train", "test"),
+    "mnist": DatasetInfo("mnist", "mnist", 10, 28, 1, "train", "test"),
+    "cifar10": DatasetInfo("cifar10", "cifar10", 10, 32, 3, "train", "test"),
+    "cifar100": DatasetInfo("cifar100", "cifar100", 100, 32, 3, "train", "test"),
+    "svhn": DatasetInfo("svhn", "svhn_cropped", 10, 32, 3, "train", "test"),
+    "imagenet2012": DatasetInfo("imagenet2012", "imagenet2012", 1000, 224, 3, "train",
+                                "validation", in_memory=False),
+    "synthetic": DatasetInfo("synthetic", "", 10, 32, 3, "train", "test"),
+}
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclasses.dataclass
+class ArraySplits:
+  """uint8 NHWC images and int32 labels of a train and an eval split."""
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  eval_images: np.ndarray
+  eval_labels: np.ndarray
+  source: str
+
+
+def get_info(name: str) -> DatasetInfo:
+  if name not in DATASETS:
+    raise DataError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}.")
+  return DATASETS[name]
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads a (gzipped) IDX file, the format of the original MNIST-style distributions."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise DataError(f"{path} is not an IDX file of unsigned bytes; reinstall the data set.")
+  ndim = data[3]
+  shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise DataError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); "
+                    "reinstall the data set.")
+  return array.reshape(shape)
+
+
+def _load_idx_dir(directory: str) -> ArraySplits:
+  def load(prefix):
+    images = read_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"))
+    return images[..., None], labels.astype(np.int32)
+
+  train_x, train_y = load("train")
+  eval_x, eval_y = load("t10k")
+  return ArraySplits(train_x, train_y, eval_x, eval_y, source=directory)
+
+
+def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> ArraySplits:
+  import tensorflow_datasets as tfds  # Heavy; only when a TFDS data set is asked for.
+
+  splits = []
+  for split in (info.train_split, info.eval_split):
+    try:
+      ds = tfds.load(info.tfds_name, split=split, data_dir=data_dir, download=download,
+                     as_supervised=True, shuffle_files=False)
+    except Exception as e:  # TFDS raises many types for "not there" (AssertionError, OSError, ...).
+      raise DataError(
+          f"Could not load TFDS {info.tfds_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+          f"prepare it with `tfds build {info.tfds_name}` on a machine with internet access and "
+          "point --config.data_dir at its directory.") from e
+    # Batches, not batch_size=-1: that builds one batch of the split's recorded size.
+    chunks = list(tfds.as_numpy(ds.batch(8192)))
+    splits += [np.concatenate([c[0] for c in chunks]).astype(np.uint8),
+               np.concatenate([c[1] for c in chunks]).astype(np.int32)]
+  return ArraySplits(*splits, source=f"tfds:{info.tfds_name}")
+
+
+def load_arrays(name: str, *, data_dir: str | None = None, download: bool = True) -> ArraySplits:
+  """The whole train and eval splits of a small data set, as uint8 NHWC arrays.
+
+  Fashion-MNIST comes from Debian's `dataset-fashion-mnist` files when they are
+  installed (offline, 0.2 s), otherwise from TFDS.
+  """
+  info = get_info(name)
+  if not info.in_memory or name == "synthetic":
+    raise ValueError(f"{name} is not an in-memory data set.")
+  if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST) and data_dir is None:
+    return _load_idx_dir(DEBIAN_FASHION_MNIST)
+  try:
+    return _load_tfds(info, data_dir, download)
+  except DataError as e:
+    if name == "fashion_mnist":
+      raise DataError(
+          "Fashion-MNIST not found: install it with `apt-get install dataset-fashion-mnist` "
+          f"(offline) or let TFDS download it (`tfds build fashion_mnist`). [{e}]") from e
+    raise

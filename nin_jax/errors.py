@@ -1,0 +1,29 @@
+"""Errors that reach the user as one line on stderr and a non-zero exit, never a traceback."""
+
+
+class UserError(Exception):
+  """Something the user can fix; the message says how."""
+
+  exit_code = 2
+
+
+class ConfigError(UserError):
+  """An invalid config value or key."""
+
+
+class DataError(UserError):
+  """A data set is missing or unreadable."""
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+  exit_code = 3
+
+
+class Interrupted(UserError):
+  """SIGTERM or SIGINT arrived; a checkpoint was saved before stopping."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum

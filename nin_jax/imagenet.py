@@ -1,0 +1,135 @@
+"""ImageNet through TFDS and tf.data on the CPU, one share of the split per host.
+
+Train batches are reproducible from (seed, step): files and examples are shuffled
+with fixed seeds, each example's crop and flip come from stateless ops seeded by
+its position in the stream, and a resumed run skips the examples already seen
+before decoding them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from nin_jax import input_pipeline
+from nin_jax.errors import DataError
+
+CAFFE_RESIZE = 256
+
+
+def _builder(config) -> tfds.core.DatasetBuilder:
+  builder = tfds.builder("imagenet2012", data_dir=config.data_dir or None)
+  if builder.info.splits.total_num_examples == 0 or not tf.io.gfile.exists(builder.data_dir):
+    manual_dir = config.manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # TFDS reports missing manual files as AssertionError and others.
+      raise DataError(
+          f"ImageNet is not prepared and could not be built from {manual_dir} ({type(e).__name__}); "
+          "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org, put "
+          "both in that directory (or set --config.manual_dir), and run again.") from e
+  return builder
+
+
+def _normalize(image: tf.Tensor, method: str) -> tf.Tensor:
+  image = tf.cast(image, tf.float32)
+  if method == "caffe_mean":
+    return image - input_pipeline.IMAGENET_MEAN_RGB
+  return (image - input_pipeline.IMAGENET_MEAN_RGB) / input_pipeline.IMAGENET_STD_RGB
+
+
+def _decode_resize(encoded: tf.Tensor, size: int) -> tf.Tensor:
+  image = tf.io.decode_jpeg(encoded, channels=3)
+  return tf.image.resize(image, (size, size), method="bilinear")
+
+
+def train_example(encoded, seed, *, size: int, augment: str, preprocess: str) -> tf.Tensor:
+  """A random crop + mirror of one JPEG; `seed` (2 ints) makes it reproducible."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if augment == "inception":
+    shape = tf.io.extract_jpeg_shape(encoded)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4]), seed=crop_seed, area_range=(0.08, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    y, x, _ = tf.unstack(begin)
+    h, w, _ = tf.unstack(crop_size)
+    image = tf.io.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=3)
+    image = tf.image.resize(image, (size, size), method="bilinear")
+  elif augment == "caffe":  # Caffe: 256x256 image, random size x size crop.
+    image = _decode_resize(encoded, CAFFE_RESIZE)
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+  else:
+    image = _decode_resize(encoded, size)
+  if augment != "none":
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+  return _normalize(image, preprocess)
+
+
+def eval_example(encoded, *, size: int, preprocess: str) -> tf.Tensor:
+  """Caffe's single centre crop: resize to 256x256, crop the central size x size."""
+  resize = max(CAFFE_RESIZE, size)
+  image = _decode_resize(encoded, resize)
+  offset = (resize - size) // 2
+  return _normalize(image[offset:offset + size, offset:offset + size], preprocess)
+
+
+def _split_size(builder, split: str) -> int:
+  try:
+    return builder.info.splits[split].num_examples
+  except KeyError as e:
+    raise DataError(f"TFDS knows no size for imagenet2012 {split!r}; set --config.train_examples "
+                    "and --config.eval_examples.") from e
+
+
+def make_data(config, info, process_index: int, process_count: int, data_cls):
+  """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
+  builder = _builder(config)
+  size = config.image_size or info.image_size
+  local_batch = config.batch_size // process_count
+  train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
+  eval_splits = tfds.even_splits(info.eval_split, n=process_count)
+  num_train = config.train_examples or _split_size(builder, info.train_split)
+  if config.eval_examples > 0:  # At most N/hosts of each host's share (mock data, quick checks).
+    eval_counts = [math.ceil(config.eval_examples / process_count)] * process_count
+  else:
+    eval_counts = [_split_size(builder, s) for s in eval_splits]
+  local_eval_batch = config.eval_batch_size // process_count
+  num_eval_batches = max(math.ceil(c / local_eval_batch) for c in eval_counts)
+  decoders = {"image": tfds.decode.SkipDecoding()}
+
+  def train_batches(start_step: int):
+    read = tfds.ReadConfig(shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=True)
+    ds = builder.as_dataset(split=train_split, shuffle_files=True, decoders=decoders, read_config=read)
+    if config.train_examples > 0:
+      ds = ds.take(math.ceil(config.train_examples / process_count))
+    ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    ds = ds.enumerate().skip(start_step * local_batch)  # Skip before decoding: cheap.
+    ds = ds.map(lambda i, ex: (train_example(
+        ex["image"], tf.stack([tf.cast(config.seed, tf.int64), i]), size=size,
+        augment=config.augment, preprocess=config.preprocess), ex["label"]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    for images, labels in tfds.as_numpy(ds):
+      yield input_pipeline.Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32))
+
+  def eval_batches():
+    ds = builder.as_dataset(split=eval_splits[process_index], decoders=decoders)
+    ds = ds.take(eval_counts[process_index]).map(
+        lambda ex: (eval_example(ex["image"], size=size, preprocess=config.preprocess),
+                    tf.cast(ex["label"], tf.int32), tf.constant(1.0)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    # Every host yields the same number of batches; padding examples carry mask 0.
+    padding = tf.data.Dataset.from_tensors(
+        (tf.zeros((size, size, 3)), tf.constant(0, tf.int32), tf.constant(0.0))).repeat()
+    ds = ds.concatenate(padding).take(num_eval_batches * local_eval_batch).batch(local_eval_batch)
+    for images, labels, mask in tfds.as_numpy(ds.prefetch(2)):
+      yield input_pipeline.Batch(images, labels, mask)
+
+  return data_cls(train_batches=train_batches, eval_batches=eval_batches,
+                  num_train_examples=num_train, num_eval_examples=sum(eval_counts),
+                  image_shape=(size, size, 3), num_classes=info.num_classes)

@@ -1,0 +1,192 @@
+"""Input pipelines: per-host batches that are a pure function of (seed, step).
+
+Because every train batch depends only on the seed and the step, a resumed run
+sees exactly the batches an uninterrupted run would have seen, without saving any
+iterator state. Each host builds only its own slice of every global batch; the
+trainer assembles global arrays with `jax.make_array_from_process_local_data`.
+
+Small data sets live in memory (see `datasets.py`); ImageNet streams from TFDS
+through tf.data on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from nin_jax import datasets
+
+# Caffe's ImageNet mean (RGB) in 0..255.
+IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
+IMAGENET_STD_RGB = np.array([58.40, 57.12, 57.38], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One host's share of a global batch. `mask` is 0 for eval padding."""
+  images: np.ndarray
+  labels: np.ndarray
+  mask: np.ndarray
+
+
+def host_slice(global_batch: int, process_index: int, process_count: int) -> slice:
+  """The rows of a global batch that this host provides."""
+  local = global_batch // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def global_contrast_normalize(x: np.ndarray, scale: float = 55.0, eps: float = 1e-8) -> np.ndarray:
+  """Per-image GCN as in the maxout/NIN CIFAR preprocessing: zero mean, fixed norm."""
+  flat = x.reshape(len(x), -1).astype(np.float64)
+  flat -= flat.mean(axis=1, keepdims=True)
+  norms = np.sqrt((flat ** 2).sum(axis=1, keepdims=True)) / scale
+  return (flat / np.maximum(norms, eps)).reshape(x.shape).astype(np.float32)
+
+
+def fit_zca(x: np.ndarray, eps: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and whitening matrix of ZCA, fitted on the training images."""
+  flat = x.reshape(len(x), -1).astype(np.float64)
+  mean = flat.mean(axis=0)
+  cov = np.cov(flat - mean, rowvar=False)
+  eigval, eigvec = np.linalg.eigh(cov)
+  whiten = (eigvec / np.sqrt(eigval + eps)) @ eigvec.T
+  return mean.astype(np.float32), whiten.astype(np.float32)
+
+
+def local_contrast_normalize(x: np.ndarray, radius: int = 4, sigma: float = 2.0,
+                             eps: float = 1e-4) -> np.ndarray:
+  """Local contrast normalisation (as used for SVHN): subtract a Gaussian-weighted local
+  mean and divide by the local standard deviation, per image, channels pooled."""
+  def gaussian_matrix(n):  # "same"-mode 1-D Gaussian filter as an (n, n) matrix.
+    offsets = np.arange(n)[:, None] - np.arange(n)[None, :]
+    taps = np.where(np.abs(offsets) <= radius, np.exp(-0.5 * (offsets / sigma) ** 2), 0.0)
+    return (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)  # Edge-normalised.
+
+  gh, gw = gaussian_matrix(x.shape[1]), gaussian_matrix(x.shape[2])
+  blur = lambda a: np.einsum("hi,nij,wj->nhw", gh, a, gw, optimize=True)
+
+  x = x.astype(np.float32) / 255.0
+  gray_mean = blur(x.mean(axis=-1))
+  centred = x - gray_mean[..., None]
+  local_std = np.sqrt(blur((centred ** 2).mean(axis=-1)))
+  divisor = np.maximum(local_std, local_std.mean(axis=(1, 2), keepdims=True))
+  return (centred / np.maximum(divisor, eps)[..., None]).astype(np.float32)
+
+
+def preprocess(train: np.ndarray, evaluation: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+  """Turns uint8 splits into float32 model inputs; statistics come from `train` only."""
+  if method == "standardize":
+    mean = train.mean(axis=(0, 1, 2), dtype=np.float64) / 255.0
+    std = train.std(axis=(0, 1, 2), dtype=np.float64) / 255.0
+    scale = lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    return scale(train), scale(evaluation)
+  if method == "gcn_zca":
+    train_g, eval_g = global_contrast_normalize(train), global_contrast_normalize(evaluation)
+    mean, whiten = fit_zca(train_g)
+    apply = lambda x: ((x.reshape(len(x), -1) - mean) @ whiten).reshape(x.shape).astype(np.float32)
+    return apply(train_g), apply(eval_g)
+  if method == "lcn":
+    return local_contrast_normalize(train), local_contrast_normalize(evaluation)
+  if method == "none":
+    return train.astype(np.float32) / 255.0, evaluation.astype(np.float32) / 255.0
+  raise ValueError(f"Unknown preprocessing {method!r}; choose one of: standardize, gcn_zca, lcn, none.")
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+AUGMENTS = ("none", "flip", "crop", "crop_flip")
+
+
+def augment(images: np.ndarray, method: str, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+  """Zero-pad + random crop and/or horizontal flip, vectorised over the batch."""
+  if method not in AUGMENTS:
+    raise ValueError(f"Unknown augmentation {method!r}; choose one of: {', '.join(AUGMENTS)}.")
+  n, h, w, _ = images.shape
+  if "crop" in method:
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(h)[None]
+    cols = dx[:, None] + np.arange(w)[None]
+    images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  if "flip" in method:
+    flip = rng.random(n) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+# ----------------------------------------------------------------------------- in-memory data
+
+
+class InMemoryTrain:
+  """Shuffled, augmented train batches of an in-memory split, a function of the step.
+
+  Epoch e visits the examples in the permutation drawn from (seed, e); the last
+  incomplete batch of an epoch is dropped, as is usual for training.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
+               augment_method: str, process_index: int = 0, process_count: int = 1):
+    if global_batch > len(images):
+      raise ValueError(f"batch_size {global_batch} exceeds the {len(images)} training examples.")
+    self.images, self.labels = images, labels
+    self.global_batch, self.seed, self.augment_method = global_batch, seed, augment_method
+    self.rows = host_slice(global_batch, process_index, process_count)
+    self.steps_per_epoch = len(images) // global_batch
+    self._epoch, self._perm = -1, None
+
+  def batch(self, step: int) -> Batch:
+    epoch, within = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+    index = self._perm[within * self.global_batch:(within + 1) * self.global_batch][self.rows]
+    rng = np.random.default_rng([self.seed, epoch, within, self.rows.start])
+    images = augment(self.images[index], self.augment_method, rng)
+    return Batch(images, self.labels[index], np.ones(len(index), np.float32))
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """Every example exactly once; the last global batch is zero-padded and masked."""
+  rows = host_slice(global_batch, process_index, process_count)
+  for start in range(0, len(images), global_batch):
+    stop = min(start + global_batch, len(images))
+    x, y = images[start:stop], labels[start:stop]
+    mask = np.ones(global_batch, np.float32)
+    if stop - start < global_batch:
+      missing = global_batch - (stop - start)
+      x = np.concatenate([x, np.zeros((missing, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros(missing, y.dtype)])
+      mask[stop - start:] = 0
+    yield Batch(x[rows], y[rows], mask[rows])
+
+
+class SyntheticTrain:
+  """Random images and labels of any model's shape, for benchmarks and smoke tests."""
+
+  def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int, global_batch: int,
+               seed: int, process_index: int = 0, process_count: int = 1):
+    self.image_shape, self.num_classes, self.seed = image_shape, num_classes, seed
+    self.rows = host_slice(global_batch, process_index, process_count)
+    self.steps_per_epoch = 1000
+
+  def batch(self, step: int) -> Batch:
+    rng = np.random.default_rng([self.seed, step, self.rows.start])
+    n = self.rows.stop - self.rows.start
+    images = rng.standard_normal((n, *self.image_shape), np.float32)
+    return Batch(images, rng.integers(0, self.num_classes, n).astype(np.int32), np.ones(n, np.float32))
+
+
+def synthetic_eval(*, image_shape, num_classes: int, num_examples: int, seed: int):
+  rng = np.random.default_rng([seed, 10**6])
+  return (rng.standard_normal((num_examples, *image_shape), np.float32),
+          rng.integers(0, num_classes, num_examples).astype(np.int32))
+
+
+def num_eval_batches(num_examples: int, global_batch: int) -> int:
+  return math.ceil(num_examples / global_batch)
