@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.head = "gap"  # gap | fc | fc_dropout
   c.init = "he"  # he | caffe
   c.pool2 = ""  # "" = the variant's own; "avg" = the Caffe CIFAR-10 port.
+  c.dropout = -1.0  # < 0: the paper's 0.5 after the pooled blocks; else this rate.
   c.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
   # Optimisation.
   c.batch_size = 128  # Global, over all devices of all hosts.

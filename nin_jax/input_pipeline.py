@@ -103,20 +103,26 @@ def preprocess(train: np.ndarray, evaluation: np.ndarray, method: str) -> tuple[
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 
 
-def augment(images: np.ndarray, method: str, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-  """Zero-pad + random crop and/or horizontal flip, vectorised over the batch."""
+def augment(images: np.ndarray, method: str, rng: np.random.Generator, *, pad: int = 4,
+            global_batch: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+  """Zero-pad + random crop and/or horizontal flip, vectorised over the batch.
+
+  The random draws are made for the whole global batch and sliced to `rows` (this
+  host's share of it), so the augmentation does not depend on the number of hosts.
+  """
   if method not in AUGMENTS:
     raise ValueError(f"Unknown augmentation {method!r}; choose one of: {', '.join(AUGMENTS)}.")
   n, h, w, _ = images.shape
+  total = global_batch or n
+  offsets = rng.integers(0, 2 * pad + 1, size=(2, total))[:, rows]
+  flips = (rng.random(total) < 0.5)[rows]
   if "crop" in method:
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
-    rows = dy[:, None] + np.arange(h)[None]
-    cols = dx[:, None] + np.arange(w)[None]
-    images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    rows_h = offsets[0][:, None] + np.arange(h)[None]
+    cols_w = offsets[1][:, None] + np.arange(w)[None]
+    images = padded[np.arange(n)[:, None, None], rows_h[:, :, None], cols_w[:, None, :]]
   if "flip" in method:
-    flip = rng.random(n) < 0.5
-    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
   return images
 
 
@@ -145,8 +151,9 @@ class InMemoryTrain:
     if epoch != self._epoch:
       self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
     index = self._perm[within * self.global_batch:(within + 1) * self.global_batch][self.rows]
-    rng = np.random.default_rng([self.seed, epoch, within, self.rows.start])
-    images = augment(self.images[index], self.augment_method, rng)
+    rng = np.random.default_rng([self.seed, epoch, within])
+    images = augment(self.images[index], self.augment_method, rng, global_batch=self.global_batch,
+                     rows=self.rows)
     return Batch(images, self.labels[index], np.ones(len(index), np.float32))
 
 

@@ -95,10 +95,11 @@ def _choice_error(what: str, value, choices) -> ValueError:
 
 
 def get_spec(name: str, *, num_classes: int | None = None, pool2: layers.PoolKind | None = None,
-             in_channels: int | None = None) -> ModelSpec:
-  """A variant's spec, with the class count, input channels and pool2 kind optionally changed.
+             in_channels: int | None = None, dropout: float | None = None) -> ModelSpec:
+  """A variant's spec, with the class count, input channels, pool2 kind or dropout changed.
 
   `pool2="avg"` gives the Caffe CIFAR-10 port, which averages in its second pool.
+  `dropout` replaces the rate of the body's dropout layers (the paper's is 0.5).
   """
   if name not in VARIANTS:
     raise _choice_error("model", name, VARIANTS)
@@ -113,6 +114,10 @@ def get_spec(name: str, *, num_classes: int | None = None, pool2: layers.PoolKin
     if pool2 not in ("max", "avg"):
       raise _choice_error("pool2 kind", pool2, ("max", "avg"))
     blocks[1] = dataclasses.replace(blocks[1], pool=pool2)
+  if dropout is not None:
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    blocks = [dataclasses.replace(b, dropout=dropout if b.dropout > 0 else 0.0) for b in blocks]
   return dataclasses.replace(
       spec, blocks=tuple(blocks), num_classes=blocks[-1].features[-1],
       in_channels=in_channels or spec.in_channels)
@@ -241,9 +246,9 @@ class NIN(nnx.Module):
 def create_model(name: str, *, num_classes: int | None = None, head: Head = "gap",
                  init: str = "he", dtype="float32", image_size: int | None = None,
                  in_channels: int | None = None, pool2: layers.PoolKind | None = None,
-                 rngs: nnx.Rngs | None = None) -> NIN:
+                 dropout: float | None = None, rngs: nnx.Rngs | None = None) -> NIN:
   """Builds a named NIN variant (see `VARIANTS`) with the requested head and initialiser."""
-  spec = get_spec(name, num_classes=num_classes, pool2=pool2, in_channels=in_channels)
+  spec = get_spec(name, num_classes=num_classes, pool2=pool2, in_channels=in_channels, dropout=dropout)
   return NIN(spec, head=head, init=init, dtype=dtype, image_size=image_size,
              rngs=rngs if rngs is not None else nnx.Rngs(0))
 

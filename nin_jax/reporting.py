@@ -36,7 +36,7 @@ class Reporter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: float(v) if isinstance(v, float) else v for k, v in metrics.items()}}
+    record = {"step": int(step), **{k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -60,7 +60,7 @@ class Reporter:
     self.print(" | ".join(parts))
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.flush()

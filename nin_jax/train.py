@@ -150,8 +150,12 @@ class ModelConfig:
   def build(self, rngs: nnx.Rngs) -> models.NIN:
     c = self.config
     return models.create_model(c.model, num_classes=self.spec.num_classes, head=c.head, init=c.init,
-                               dtype=c.dtype, image_size=self.image_size,
-                               in_channels=self.spec.in_channels, pool2=c.pool2 or None, rngs=rngs)
+                               dtype=c.dtype, image_size=self.image_size, in_channels=self.spec.in_channels,
+                               pool2=c.pool2 or None, dropout=_dropout(c), rngs=rngs)
+
+
+def _dropout(config) -> float | None:
+  return None if config.dropout < 0 else float(config.dropout)
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -160,7 +164,8 @@ def model_from_config(config: ml_collections.ConfigDict) -> ModelConfig:
   synthetic = config.dataset == "synthetic"
   try:
     spec = models.get_spec(config.model, num_classes=None if synthetic else info.num_classes,
-                           in_channels=None if synthetic else info.channels, pool2=config.pool2 or None)
+                           in_channels=None if synthetic else info.channels, pool2=config.pool2 or None,
+                           dropout=_dropout(config))
     image_size = config.image_size or (spec.image_size if synthetic else info.image_size)
     models.feature_map_size(spec, image_size)
   except ValueError as e:
@@ -224,6 +229,44 @@ class _SignalFlag:
     return bool(multihost_utils.process_allgather(np.array(local)).any())
 
 
+def make_optimizer(config, spec: models.ModelSpec, abstract_params, num_steps: int,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The config's optimizer and schedule; epochs become steps, lr scales with the batch."""
+  learning_rate = config.learning_rate * (
+      config.batch_size / config.base_batch_size if config.base_batch_size > 0 else 1.0)
+  schedule = optim.make_schedule(
+      name=config.schedule, learning_rate=learning_rate, total_steps=num_steps,
+      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+      decay_steps=tuple(int(round(e * steps_per_epoch)) for e in config.decay_epochs),
+      decay_factor=config.decay_factor)
+  try:
+    lr_mults, decay_mask = optim.caffe_multipliers(
+        abstract_params, spec, bias_lr_mult=config.bias_lr_mult,
+        bias_weight_decay=config.bias_weight_decay, layer_lr_mults=dict(config.layer_lr_mults))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, weight_decay=config.weight_decay,
+                            momentum=config.momentum, nesterov=config.nesterov,
+                            lr_mults=lr_mults, decay_mask=decay_mask)
+  return tx, schedule
+
+
+def evaluate(eval_step, params, batches: Iterator[input_pipeline.Batch], sharding: NamedSharding,
+             global_batch: int, top5: bool) -> dict[str, float]:
+  """Top-1 (top-5) accuracy and loss over every real example; padding rows have mask 0."""
+  sums: dict[str, float] = {}
+  for batch in batches:
+    out = eval_step(params, *(_global(sharding, a, global_batch) for a in (batch.images, batch.labels, batch.mask)))
+    for k, v in jax.device_get(out).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  count = int(sums["count"])
+  metrics = {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss_sum"] / count,
+             "eval_examples": count}
+  if top5:
+    metrics["eval_top5_accuracy"] = sums["correct_top5"] / count
+  return metrics
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -255,22 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   build_model = model_config.build
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(nnx.Rngs(0))))
-  learning_rate = config.learning_rate * (
-      config.batch_size / config.base_batch_size if config.base_batch_size > 0 else 1.0)
-  schedule = optim.make_schedule(
-      name=config.schedule, learning_rate=learning_rate, total_steps=num_steps,
-      warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
-      decay_steps=tuple(int(round(e * steps_per_epoch)) for e in config.decay_epochs),
-      decay_factor=config.decay_factor)
-  try:
-    lr_mults, decay_mask = optim.caffe_multipliers(
-        abstract_params, spec, bias_lr_mult=config.bias_lr_mult,
-        bias_weight_decay=config.bias_weight_decay, layer_lr_mults=dict(config.layer_lr_mults))
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  tx = optim.make_optimizer(name=config.optimizer, schedule=schedule, weight_decay=config.weight_decay,
-                            momentum=config.momentum, nesterov=config.nesterov,
-                            lr_mults=lr_mults, decay_mask=decay_mask)
+  tx, schedule = make_optimizer(config, spec, abstract_params, num_steps, steps_per_epoch)
 
   def init_state():
     params = nnx.state(build_model(nnx.Rngs(config.seed)), nnx.Param)
@@ -308,22 +336,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       in_shardings=(state_sharding["params"], batch_sharding, batch_sharding, batch_sharding),
                       out_shardings=replicated)
 
-  def evaluate(params, step: int) -> dict[str, float]:
-    sums: dict[str, float] = {}
-    for batch in data.eval_batches():
-      out = eval_step(params, *(_global(batch_sharding, a, config.eval_batch_size)
-                                for a in (batch.images, batch.labels, batch.mask)))
-      for k, v in jax.device_get(out).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    count = int(sums["count"])
-    metrics = {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss_sum"] / count,
-               "eval_examples": count}
-    if top5:
-      metrics["eval_top5_accuracy"] = sums["correct_top5"] / count
+  def run_eval(step: int) -> dict[str, float]:
+    metrics = evaluate(eval_step, state["params"], data.eval_batches(), batch_sharding,
+                       config.eval_batch_size, top5)
     reporter.write(step, metrics)
     reporter.print(f"eval at step {step}: top-1 {100 * metrics['eval_accuracy']:.2f}% "
                    + (f"top-5 {100 * metrics['eval_top5_accuracy']:.2f}% " if top5 else "")
-                   + f"loss {metrics['eval_loss']:.4f} on {count:,} examples")
+                   + f"loss {metrics['eval_loss']:.4f} on {metrics['eval_examples']:,} examples")
     return metrics
 
   # Partial sums of the current log window live in checkpoints, so a resumed run
@@ -341,60 +360,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointing.save(manager, at_step, state, {"window": window, "stuck_steps": stuck_steps})
     last_saved = at_step
 
-  with _SignalFlag(reporter) as stop:
-    batches = data.train_batches(start_step)
-    while step < num_steps:
-      batch = next(batches)
-      state, metrics = train_step(state, _global(batch_sharding, batch.images, config.batch_size),
-                                  _global(batch_sharding, batch.labels, config.batch_size))
-      metrics = jax.device_get(metrics)
-      step += 1
-      images_seen += config.batch_size
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        reporter.close()
-        raise TrainingDiverged(
-            f"The loss became {loss} at step {step}; the last good checkpoint "
-            f"({'step ' + str(last_saved) if last_saved else 'none yet'}) is kept. "
-            "Lower --config.learning_rate or add warm-up (--config.warmup_epochs).")
-      window["loss"] += loss
-      window["correct"] += float(metrics["correct"])
-      window["correct_top5"] += float(metrics.get("correct_top5", 0.0))
-      window["steps"] += 1
-      stuck_steps = stuck_steps + 1 if abs(loss - chance_loss) < 0.01 else 0
-      if stuck_steps == config.stuck_loss_steps:
-        reporter.print(
-            f"warning: the loss has stayed at ln({spec.num_classes})={chance_loss:.4f} for "
-            f"{stuck_steps} steps: the last ReLU has likely died, so every logit is 0 (NIN's known "
-            "failure). Use --config.init=he, a lower learning rate or warm-up, or another seed.")
-      if step % config.log_every_steps == 0 or step == num_steps:
-        elapsed = time.perf_counter() - tick
-        n = window["steps"] * config.batch_size
-        logged = {"train_loss": window["loss"] / window["steps"], "train_accuracy": window["correct"] / n,
-                  "learning_rate": float(schedule(step - 1)), "images_per_sec": images_seen / elapsed,
-                  "epoch": step / steps_per_epoch}
-        if top5:
-          logged["train_top5_accuracy"] = window["correct_top5"] / n
-        reporter.write(step, logged)
-        reporter.progress(step, logged, steps_per_second=images_seen / elapsed / config.batch_size)
-        window = {"loss": 0.0, "correct": 0.0, "correct_top5": 0.0, "steps": 0}
-        tick, images_seen = time.perf_counter(), 0
-      interrupted = stop.any_process()
-      if step % config.checkpoint_every_steps == 0 or step == num_steps or interrupted:
-        save(step)
-      if interrupted:
-        reporter.close()
-        raise Interrupted(f"Stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at step "
-                          f"{step}; checkpoint saved. Run the same command to resume.",
-                          stop.signum or signal.SIGTERM)
-      if step % eval_every == 0 or step == num_steps:
-        pause = time.perf_counter()
-        eval_metrics = evaluate(state["params"], step)
-        tick += time.perf_counter() - pause  # Evaluation time is not training throughput.
-    if not eval_metrics:  # Resumed after the last step: report the final accuracy again.
-      eval_metrics = evaluate(state["params"], step)
-  manager.close()
-  reporter.close()
+  try:
+    with _SignalFlag(reporter) as stop:
+      batches = data.train_batches(start_step)
+      while step < num_steps:
+        batch = next(batches)
+        state, metrics = train_step(state, _global(batch_sharding, batch.images, config.batch_size),
+                                    _global(batch_sharding, batch.labels, config.batch_size))
+        metrics = jax.device_get(metrics)
+        step += 1
+        images_seen += config.batch_size
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+          raise TrainingDiverged(
+              f"The loss became {loss} at step {step}; the last good checkpoint "
+              f"({'step ' + str(last_saved) if last_saved else 'none yet'}) is kept. "
+              "Lower --config.learning_rate or add warm-up (--config.warmup_epochs).")
+        window["loss"] += loss
+        window["correct"] += float(metrics["correct"])
+        window["correct_top5"] += float(metrics.get("correct_top5", 0.0))
+        window["steps"] += 1
+        stuck_steps = stuck_steps + 1 if abs(loss - chance_loss) < 0.01 else 0
+        if stuck_steps == config.stuck_loss_steps:
+          reporter.print(
+              f"warning: the loss has stayed at ln({spec.num_classes})={chance_loss:.4f} for "
+              f"{stuck_steps} steps: the last ReLU has likely died, so every logit is 0 (NIN's known "
+              "failure). Use --config.init=he, a lower learning rate or warm-up, or another seed.")
+        if step % config.log_every_steps == 0 or step == num_steps:
+          elapsed = time.perf_counter() - tick
+          n = window["steps"] * config.batch_size
+          logged = {"train_loss": window["loss"] / window["steps"], "train_accuracy": window["correct"] / n,
+                    "learning_rate": float(schedule(step - 1)), "images_per_sec": images_seen / elapsed,
+                    "epoch": step / steps_per_epoch}
+          if top5:
+            logged["train_top5_accuracy"] = window["correct_top5"] / n
+          reporter.write(step, logged)
+          reporter.progress(step, logged, steps_per_second=images_seen / elapsed / config.batch_size)
+          window = {"loss": 0.0, "correct": 0.0, "correct_top5": 0.0, "steps": 0}
+          tick, images_seen = time.perf_counter(), 0
+        interrupted = stop.any_process()
+        if step % config.checkpoint_every_steps == 0 or step == num_steps or interrupted:
+          save(step)
+        if interrupted:
+          raise Interrupted(f"Stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at step "
+                            f"{step}; checkpoint saved. Run the same command to resume.",
+                            stop.signum or signal.SIGTERM)
+        if step % eval_every == 0 or step == num_steps:
+          pause = time.perf_counter()
+          eval_metrics = run_eval(step)
+          tick += time.perf_counter() - pause  # Evaluation time is not training throughput.
+      if not eval_metrics:  # Resumed after the last step: report the final accuracy again.
+        eval_metrics = run_eval(step)
+  finally:  # Also on errors and interrupts: flush the logs, finish any save.
+    manager.close()
+    reporter.close()
   return eval_metrics
 
 
@@ -414,8 +433,14 @@ def load_model(workdir: str, config: ml_collections.ConfigDict) -> tuple[models.
   step = manager.latest_step()
   if step is None:
     raise DataError(f"No checkpoint in {workdir}/checkpoints; train first.")
+  # Onto this process's first device, whatever topology the checkpoint was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = checkpointing.ocp.StandardCheckpointer().metadata(
+      os.path.join(manager.directory, str(step), "state")).item_metadata
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved,
+                        is_leaf=lambda m: hasattr(m, "shape"))
   restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
-      state=checkpointing.ocp.args.StandardRestore()))
+      state=checkpointing.ocp.args.StandardRestore(target)))
   model = model_from_config(config).build(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, _pure_dict(restored.state["params"]))

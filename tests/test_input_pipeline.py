@@ -30,10 +30,12 @@ def test_an_epoch_visits_each_example_at_most_once():
 
 def test_host_shares_make_up_the_global_batch():
   x, y = arrays()
-  whole = input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="none")
-  shares = [input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="none",
+  whole = input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="crop_flip")
+  shares = [input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="crop_flip",
                                          process_index=i, process_count=4) for i in range(4)]
   np.testing.assert_array_equal(np.concatenate([s.batch(5).labels for s in shares]), whole.batch(5).labels)
+  # Augmented images too: the random crops and flips do not depend on the host count.
+  np.testing.assert_array_equal(np.concatenate([s.batch(5).images for s in shares]), whole.batch(5).images)
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])

@@ -103,8 +103,12 @@ def _run_main(args, **kwargs):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def _overrides(config, keys):
-  return [f"--config.{k}={config[k]}" for k in keys]
+def _config_file(tmp_path, config) -> str:
+  """The exact config as a config file, so a subprocess trains what the test trains."""
+  path = tmp_path / "config.py"
+  path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  return str(path)
 
 
 @needs_fmnist
@@ -113,11 +117,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
 
   workdir = str(tmp_path / "resumed")
-  keys = ["model", "train_examples", "eval_examples", "batch_size", "eval_batch_size", "num_train_steps",
-          "optimizer", "learning_rate", "schedule", "warmup_epochs", "log_every_steps",
-          "checkpoint_every_steps", "eval_every_steps"]
-  args = ["--config", "experiments/nin_fashion_mnist.py", "--workdir", workdir, *_overrides(config, keys)]
-  proc = _run_main(args)
+  proc = _run_main(["--config", _config_file(tmp_path, config), "--workdir", workdir])
   # SIGTERM once training has visibly started; the run must save and exit non-zero.
   for line in proc.stdout:
     if line.startswith("step 6/40"):
@@ -263,3 +263,29 @@ def test_synthetic_data_trains(tmp_path):
                         eval_examples=16, eval_batch_size=8)
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["eval_examples"] == 16
+
+
+@needs_fmnist
+def test_two_hosts_match_one_host(tmp_path):
+  """Two processes of 4 CPU devices each (jax.distributed over gloo) train like one of 8."""
+  config = small_config(num_train_steps=4, log_every_steps=1, optimizer="sgd", learning_rate=0.02,
+                        checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path / "one"))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  port = 20000 + os.getpid() % 20000
+  workdir = str(tmp_path / "two")
+  config_file = _config_file(tmp_path, config)
+  procs = [_run_main(["--config", config_file, "--workdir", workdir, f"--coordinator_address=127.0.0.1:{port}",
+                      "--num_processes=2", f"--process_id={i}"], env=env) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "on 8 cpu device(s), 2 host(s)" in outputs[0][0]
+  assert "eval at" not in outputs[1][0] and "step 1/4" not in outputs[1][0]  # Only host 0 reports.
+  one, two = read_metrics(tmp_path / "one"), read_metrics(workdir)
+  np.testing.assert_allclose([r["train_loss"] for r in two if "train_loss" in r],
+                             [r["train_loss"] for r in one if "train_loss" in r], rtol=0, atol=1e-5)
+  assert [r["eval_examples"] for r in two if "eval_examples" in r] == [300]
+  p1, p2 = flat_params(tmp_path / "one", config), flat_params(workdir, config)
+  for key in p1:
+    np.testing.assert_allclose(p2[key], p1[key], rtol=0, atol=1e-5, err_msg=key)
