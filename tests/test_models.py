@@ -183,3 +183,13 @@ def test_module_runs_as_a_script():
   out = subprocess.run([sys.executable, "-m", "nin_jax.models", "nin_cifar10"],
                        capture_output=True, text=True, check=True).stdout
   assert out.splitlines()[-2] == "total parameters: 966,986"
+
+
+def test_dropout_rate_can_be_replaced():
+  spec = models.get_spec("nin_imagenet", dropout=0.2)
+  assert [b.dropout for b in spec.blocks] == [0.0, 0.0, 0.2, 0.0]  # Only after pool3, as in Caffe.
+  model = models.create_model("nin_cifar10", dropout=0.0)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  np.testing.assert_array_equal(model(x), model(x, train=True, dropout_key=jax.random.key(1)))
+  with pytest.raises(ValueError, match="dropout must be in"):
+    models.get_spec("nin_cifar10", dropout=1.0)
