@@ -63,19 +63,12 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-VALID_CHOICES = {
-    "head": ("gap", "fc", "fc_dropout"),
-    "init": ("he", "caffe"),
-    "dtype": ("float32", "bfloat16"),
-    "optimizer": ("sgd", "adamw"),
-    "schedule": ("constant", "step", "cosine"),
-    "pool2": ("", "max", "avg"),
-}
-
-
 def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
   """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
-  from nin_jax import datasets, models  # Local: keeps config files importable without JAX.
+  from nin_jax import datasets, input_pipeline, models, optim  # Local: config files stay JAX-free.
+
+  choices = {"head": models.HEADS, "init": models.INITS, "dtype": tuple(models.DTYPES),
+             "optimizer": optim.OPTIMIZERS, "schedule": optim.SCHEDULES, "pool2": ("", "max", "avg")}
 
   unknown = sorted(set(config.keys()) - set(default_config().keys()))
   if unknown:
@@ -85,12 +78,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     raise ConfigError(f"Unknown dataset {config.dataset!r}; choose one of: {', '.join(datasets.DATASETS)}.")
   if config.model not in models.VARIANTS:
     raise ConfigError(f"Unknown model {config.model!r}; choose one of: {', '.join(models.VARIANTS)}.")
-  for key, choices in VALID_CHOICES.items():
-    if config[key] not in choices:
+  for key, valid in choices.items():
+    if config[key] not in valid:
       raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: "
-                        f"{', '.join(repr(c) if not c else c for c in choices)}.")
+                        f"{', '.join(repr(c) if not c else c for c in valid)}.")
   streaming = not datasets.DATASETS[config.dataset].in_memory
-  augments = ("none", "inception", "caffe") if streaming else ("none", "flip", "crop", "crop_flip")
+  augments = ("none", "inception", "caffe") if streaming else input_pipeline.AUGMENTS
   preprocesses = ("caffe_mean", "standardize") if streaming else ("standardize", "gcn_zca", "lcn", "none")
   if config.augment not in augments:
     raise ConfigError(f"Unknown augment {config.augment!r} for {config.dataset}; choose one of: "

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nin_jax import input_pipeline
+from nin_jax import datasets, input_pipeline
 from nin_jax.errors import DataError
 
 CAFFE_RESIZE = 256
@@ -86,10 +86,10 @@ def _split_size(builder, split: str) -> int:
                     "and --config.eval_examples.") from e
 
 
-def make_data(config, info, process_index: int, process_count: int, data_cls):
+def make_data(config, size: int, process_index: int, process_count: int, data_cls):
   """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
+  info = datasets.get_info("imagenet2012")
   builder = _builder(config)
-  size = config.image_size or info.image_size
   local_batch = config.batch_size // process_count
   train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
   eval_splits = tfds.even_splits(info.eval_split, n=process_count)
@@ -131,5 +131,4 @@ def make_data(config, info, process_index: int, process_count: int, data_cls):
       yield input_pipeline.Batch(images, labels, mask)
 
   return data_cls(train_batches=train_batches, eval_batches=eval_batches,
-                  num_train_examples=num_train, num_eval_examples=sum(eval_counts),
-                  image_shape=(size, size, 3), num_classes=info.num_classes)
+                  num_train_examples=num_train, num_eval_examples=sum(eval_counts))

@@ -12,12 +12,9 @@ through tf.data on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 
 import numpy as np
-
-from nin_jax import datasets
 
 # Caffe's ImageNet mean (RGB) in 0..255.
 IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
@@ -194,6 +191,3 @@ def synthetic_eval(*, image_shape, num_classes: int, num_examples: int, seed: in
   return (rng.standard_normal((num_examples, *image_shape), np.float32),
           rng.integers(0, num_classes, num_examples).astype(np.int32))
 
-
-def num_eval_batches(num_examples: int, global_batch: int) -> int:
-  return math.ceil(num_examples / global_batch)

@@ -8,7 +8,6 @@ paths, so the same optimizer code serves every model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax
@@ -104,7 +103,3 @@ def make_optimizer(*, name: str, schedule: optax.Schedule, weight_decay: float, 
     )
   raise ValueError(f"Unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
 
-
-def check_learning_rate(value: float) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-    raise ValueError(f"learning_rate must be a positive finite number, got {value!r}.")

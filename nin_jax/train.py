@@ -40,11 +40,19 @@ class Data:
   eval_batches: Callable[[], Iterator[input_pipeline.Batch]]
   num_train_examples: int
   num_eval_examples: int
-  image_shape: tuple[int, int, int]
-  num_classes: int
 
 
-def _in_memory_data(config, info: datasets.DatasetInfo, pidx: int, pcount: int) -> Data:
+def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train: int,
+                pidx: int, pcount: int) -> Data:
+  """Data from a train source with `.batch(step)` and an in-memory eval split."""
+  return Data(
+      train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
+      eval_batches=lambda: input_pipeline.eval_batches(
+          eval_x, eval_y, global_batch=config.eval_batch_size, process_index=pidx, process_count=pcount),
+      num_train_examples=num_train, num_eval_examples=len(eval_x))
+
+
+def _in_memory_data(config, pidx: int, pcount: int) -> Data:
   arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None,
                                 download=config.download)
   train_x, train_y = arrays.train_images, arrays.train_labels
@@ -57,40 +65,29 @@ def _in_memory_data(config, info: datasets.DatasetInfo, pidx: int, pcount: int) 
   train = input_pipeline.InMemoryTrain(
       train_x, train_y, global_batch=config.batch_size, seed=config.seed,
       augment_method=config.augment, process_index=pidx, process_count=pcount)
-  return Data(
-      train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
-      eval_batches=lambda: input_pipeline.eval_batches(
-          eval_x, eval_y, global_batch=config.eval_batch_size, process_index=pidx, process_count=pcount),
-      num_train_examples=len(train_x), num_eval_examples=len(eval_x),
-      image_shape=tuple(train_x.shape[1:]), num_classes=info.num_classes)
+  return _array_data(config, train, eval_x, eval_y, len(train_x), pidx, pcount)
 
 
-def _synthetic_data(config, info: datasets.DatasetInfo, spec: models.ModelSpec, pidx: int, pcount: int) -> Data:
-  size = config.image_size or spec.image_size
-  shape = (size, size, spec.in_channels)
+def _synthetic_data(config, spec: models.ModelSpec, image_size: int, pidx: int, pcount: int) -> Data:
+  shape = (image_size, image_size, spec.in_channels)
   train = input_pipeline.SyntheticTrain(image_shape=shape, num_classes=spec.num_classes,
                                         global_batch=config.batch_size, seed=config.seed,
                                         process_index=pidx, process_count=pcount)
-  n_eval = config.eval_examples or 1000
   eval_x, eval_y = input_pipeline.synthetic_eval(image_shape=shape, num_classes=spec.num_classes,
-                                                 num_examples=n_eval, seed=config.seed)
-  return Data(
-      train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
-      eval_batches=lambda: input_pipeline.eval_batches(
-          eval_x, eval_y, global_batch=config.eval_batch_size, process_index=pidx, process_count=pcount),
-      num_train_examples=config.train_examples or config.batch_size * train.steps_per_epoch,
-      num_eval_examples=n_eval, image_shape=shape, num_classes=spec.num_classes)
+                                                 num_examples=config.eval_examples or 1000, seed=config.seed)
+  num_train = config.train_examples or config.batch_size * train.steps_per_epoch
+  return _array_data(config, train, eval_x, eval_y, num_train, pidx, pcount)
 
 
-def make_data(config, spec: models.ModelSpec) -> Data:
+def make_data(config, spec: models.ModelSpec, image_size: int) -> Data:
   info = datasets.get_info(config.dataset)
   pidx, pcount = jax.process_index(), jax.process_count()
   if config.dataset == "synthetic":
-    return _synthetic_data(config, info, spec, pidx, pcount)
+    return _synthetic_data(config, spec, image_size, pidx, pcount)
   if info.in_memory:
-    return _in_memory_data(config, info, pidx, pcount)
+    return _in_memory_data(config, pidx, pcount)
   from nin_jax import imagenet  # tf.data streaming; imported only when used.
-  return imagenet.make_data(config, info, pidx, pcount, Data)
+  return imagenet.make_data(config, image_size, pidx, pcount, Data)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -288,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   model_config = model_from_config(config)
   spec, image_size = model_config.spec, model_config.image_size
-  data = make_data(config, spec)
+  data = make_data(config, spec, image_size)
   num_steps, steps_per_epoch = total_train_steps(config, data.num_train_examples)
   eval_every = config.eval_every_steps or steps_per_epoch
   top5 = spec.num_classes >= 100
