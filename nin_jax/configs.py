@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.seed = 0
   c.log_every_steps = 50
-  c.eval_every_steps = 0  # 0 = once per epoch.
+  c.eval_every_steps = 0  # 0 = once per epoch; < 0 = only at the end.
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_batch_size = 512  # Rounded up to a multiple of the device count; padding is masked.

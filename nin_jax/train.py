@@ -287,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec, image_size = model_config.spec, model_config.image_size
   data = make_data(config, spec, image_size)
   num_steps, steps_per_epoch = total_train_steps(config, data.num_train_examples)
-  eval_every = config.eval_every_steps or steps_per_epoch
+  eval_every = {0: steps_per_epoch}.get(config.eval_every_steps, config.eval_every_steps)
+  eval_every = eval_every if eval_every > 0 else num_steps  # < 0: only at the end.
   top5 = spec.num_classes >= 100
 
   mesh = Mesh(np.array(devices), ("data",))
