@@ -8,13 +8,10 @@ it warns and falls back to the previous one.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
-
-log = logging.getLogger(__name__)
 
 
 def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:

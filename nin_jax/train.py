@@ -313,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if state is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()  # Created already sharded.
     host_state = {}
-    reporter.print(f"starting from scratch: {models.count_params(build_model(nnx.Rngs(0))):,} parameters")
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_params))
+    reporter.print(f"starting from scratch: {num_params:,} parameters")
   else:
     reporter.print(f"resumed from the checkpoint at step {start_step}")
   if is_main:
