@@ -6,9 +6,11 @@ Hardware: a TPU slice or GPU hosts; the global batch is split over every device 
 Data:     TFDS `imagenet2012`, prepared from ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
           placed in --config.manual_dir (default <data_dir>/downloads/manual).
 Recipe (":caffe", the default): SGD momentum 0.9, weight decay 5e-4, lr 0.01 at batch 64 scaled
-          linearly with the global batch, x0.1 every 200k iterations (10 epochs at batch 64),
-          450k iterations = 22.5 epochs; biases 2x lr and no decay; Caffe's Gaussian init;
-          random 224 crop of the 256x256 image + mirror; mean subtraction.
+          linearly with the global batch, x0.1 every 200k iterations, 450k iterations; at
+          batch 64 over 1,281,167 images that is x0.1 at epochs 10 and 20 of 22.5, which is
+          what the config says, so that any global batch keeps the Caffe schedule in epochs;
+          biases 2x lr and no decay; Caffe's Gaussian init; random 224 crop of the 256x256
+          image + mirror; mean subtraction.
           ":modern": 5-epoch warm-up + cosine over 40 epochs, He init, bfloat16 compute,
           Inception random-resized crops, Nesterov.
 Expected: Caffe model zoo 59.36% top-1 (single centre crop) after 4-5 days on one GTX Titan
@@ -35,9 +37,9 @@ def get_config(variant: str = "caffe"):
   if variant == "caffe":
     c.init = "caffe"
     c.learning_rate = 0.01
-    c.num_epochs = 450_000 * 64 / 1_281_167
+    c.num_epochs = 22.5  # ~450k iterations of 64 images (22.48 epochs).
     c.schedule = "step"
-    c.decay_epochs = (200_000 * 64 / 1_281_167, 400_000 * 64 / 1_281_167)
+    c.decay_epochs = (10.0, 20.0)  # Every 200k iterations of 64.
     c.preprocess = "caffe_mean"
     c.augment = "caffe"
   else:

@@ -1,28 +1,33 @@
-"""Orbax checkpoints in `<workdir>/checkpoints`, one directory per step.
+"""Orbax checkpoints in `<workdir>/checkpoints`, one directory per step, on any filesystem.
 
-Orbax writes each checkpoint to a temporary directory and renames it when it is
-complete, so a run killed mid-save never leaves a half-written step behind.
-`restore_latest` also survives a latest checkpoint that was damaged afterwards:
-it warns and falls back to the previous one.
+Orbax writes each checkpoint to a temporary directory and commits it when it is
+complete (a rename on a local disk, a commit marker on GCS), so a run killed
+mid-save never leaves a half-written step behind. `restore_latest` also survives a
+latest checkpoint that was damaged afterwards: it warns and falls back to the
+previous one. `load_model` gives notebooks and tests a trained model.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from nin_jax import models, workdir as workdir_lib
+from nin_jax.errors import DataError
 
 
-def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
+def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, host_state: dict) -> None:
   """Saves the device `state` and the JSON-able `host_state` (partial metric sums) at
-  `step`, and waits until both are on disk. A step that is already there can only be
+  `step`, and waits until both are stored. A step that is already there can only be
   one `restore_latest` skipped as damaged, so it is replaced."""
   if step in manager.all_steps():
     manager.delete(step)
@@ -48,3 +53,37 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn=print):
            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
            "trying the previous one.")
   return None, None, 0
+
+
+def _pure_dict(tree):
+  """Orbax's untyped restore of an nnx.State: list indices become strings and each
+  variable a {'value': array} dict; undo both for `nnx.replace_by_pure_dict`."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"}:
+      return _pure_dict(tree["value"])
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _pure_dict(v) for k, v in tree.items()}
+  return tree
+
+
+def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> tuple[models.NIN, int]:
+  """The model of the latest checkpoint in `workdir`, and its step (for notebooks, tests).
+
+  Restores onto this process's first device, whatever topology the run was saved from.
+  """
+  manager = make_manager(workdir, keep=config.keep_checkpoints)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise DataError(f"No checkpoint in {manager.directory}; train first.")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    saved = ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved,
+                          is_leaf=lambda m: hasattr(m, "shape"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  finally:
+    manager.close()
+  model = models.from_config(config).build(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, _pure_dict(restored.state["params"]))
+  nnx.update(model, params)
+  return model, step

@@ -21,32 +21,34 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # TFDS data_dir ("" = TFDS default).
   c.manual_dir = ""  # ImageNet tar files ("" = <data_dir>/downloads/manual).
   c.download = True  # Let TFDS download small data sets that are not prepared.
-  c.preprocess = "standardize"  # standardize | gcn_zca | lcn | none | caffe_mean (ImageNet)
-  c.augment = "none"  # none | flip | crop | crop_flip ; ImageNet: inception | caffe
+  c.preprocess = "standardize"  # input_pipeline.PREPROCESSES; ImageNet: imagenet.PREPROCESSES
+  c.augment = "none"  # input_pipeline.AUGMENTS; ImageNet: imagenet.AUGMENTS
   c.image_size = 0  # 0 = the data set's native size (224 for ImageNet).
   c.train_examples = 0  # > 0: use only the first N training examples.
   c.eval_examples = 0  # > 0: evaluate on the first N examples only (the default is all).
   c.shuffle_buffer = 16_384  # ImageNet (tf.data) only.
   # Model.
   c.model = "nin_mnist"  # models.VARIANTS
-  c.head = "gap"  # gap | fc | fc_dropout
-  c.init = "he"  # he | caffe
-  c.pool2 = ""  # "" = the variant's own; "avg" = the Caffe CIFAR-10 port.
+  c.head = "gap"  # models.HEADS
+  c.init = "he"  # models.INITS
+  c.pool2 = ""  # "" = the variant's own, or layers.POOL_KINDS ("avg" = the Caffe CIFAR-10 port).
   c.dropout = -1.0  # < 0: the paper's 0.5 after the pooled blocks; else this rate.
-  c.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
-  # Optimisation.
+  c.dtype = "float32"  # models.DTYPES (compute; parameters stay float32)
+  # Optimisation. Durations are given in epochs or in steps (`steps()`); steps win when set.
   c.batch_size = 128  # Global, over all devices of all hosts.
   c.num_epochs = 1.0
   c.num_train_steps = -1  # > 0 wins over num_epochs.
-  c.optimizer = "sgd"  # sgd | adamw
+  c.optimizer = "sgd"  # optim.OPTIMIZERS
   c.learning_rate = 0.01
   c.base_batch_size = 0  # > 0: lr scales linearly with batch_size / base_batch_size.
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 5e-4
-  c.schedule = "step"  # constant | step | cosine
+  c.schedule = "step"  # optim.SCHEDULES
   c.warmup_epochs = 0.0
-  c.decay_epochs = ()  # step schedule: multiply by decay_factor at these epochs.
+  c.warmup_steps = -1  # >= 0 wins over warmup_epochs.
+  c.decay_epochs = ()  # step schedule: multiply by decay_factor at these epochs...
+  c.decay_steps = ()  # ...or at these steps (wins when not empty).
   c.decay_factor = 0.1
   c.bias_lr_mult = 2.0  # Caffe: biases learn 2x faster...
   c.bias_weight_decay = False  # ...and get no weight decay.
@@ -63,12 +65,31 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# (steps key, epochs key) of each duration; `steps` converts any of them.
+DURATIONS = {"train": ("num_train_steps", "num_epochs"), "warmup": ("warmup_steps", "warmup_epochs"),
+             "decay": ("decay_steps", "decay_epochs")}
+
+
+def steps(config: ml_collections.ConfigDict, duration: str, steps_per_epoch: int):
+  """A duration of `DURATIONS` in steps: its steps key when set (a number >= 0, > 0 for
+  training, or a non-empty tuple), else its epochs key times `steps_per_epoch`, rounded."""
+  steps_key, epochs_key = DURATIONS[duration]
+  given, epochs = config[steps_key], config[epochs_key]
+  if isinstance(given, (tuple, list)):
+    return tuple(int(s) for s in given) if given else tuple(int(round(e * steps_per_epoch)) for e in epochs)
+  if given > 0 or (given == 0 and duration != "train"):
+    return int(given)
+  if duration == "train":
+    return max(int(math.ceil(epochs * steps_per_epoch)), 1)
+  return int(round(epochs * steps_per_epoch))
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
   """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
-  from nin_jax import datasets, input_pipeline, models, optim  # Local: config files stay JAX-free.
+  from nin_jax import datasets, input_pipeline, layers, models, optim  # Local: config files stay JAX-free.
 
   choices = {"head": models.HEADS, "init": models.INITS, "dtype": tuple(models.DTYPES),
-             "optimizer": optim.OPTIMIZERS, "schedule": optim.SCHEDULES, "pool2": ("", "max", "avg")}
+             "optimizer": optim.OPTIMIZERS, "schedule": optim.SCHEDULES, "pool2": ("", *layers.POOL_KINDS)}
 
   unknown = sorted(set(config.keys()) - set(default_config().keys()))
   if unknown:
@@ -82,9 +103,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     if config[key] not in valid:
       raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: "
                         f"{', '.join(repr(c) if not c else c for c in valid)}.")
-  streaming = not datasets.DATASETS[config.dataset].in_memory
-  augments = ("none", "inception", "caffe") if streaming else input_pipeline.AUGMENTS
-  preprocesses = ("caffe_mean", "standardize") if streaming else ("standardize", "gcn_zca", "lcn", "none")
+  if datasets.DATASETS[config.dataset].in_memory:
+    augments, preprocesses = input_pipeline.AUGMENTS, input_pipeline.PREPROCESSES
+  else:
+    from nin_jax import imagenet  # TensorFlow; only for the streaming data set.
+    augments, preprocesses = imagenet.AUGMENTS, imagenet.PREPROCESSES
   if config.augment not in augments:
     raise ConfigError(f"Unknown augment {config.augment!r} for {config.dataset}; choose one of: "
                       f"{', '.join(augments)}.")

@@ -3,8 +3,7 @@
 The small data sets (MNIST, Fashion-MNIST, CIFAR, SVHN: at most 250 MB as uint8)
 are held whole in host memory and batched with NumPy: on a 2-core machine a
 streaming pipeline competes with the training step for the cores, while indexing
-an in-memory array costs nothing. ImageNet streams through tf.data
-(`input_pipeline.imagenet_*`).
+an in-memory array costs nothing. ImageNet streams through tf.data (`imagenet.py`).
 """
 
 from __future__ import annotations
@@ -87,8 +86,23 @@ def _load_idx_dir(directory: str) -> ArraySplits:
   return ArraySplits(train_x, train_y, eval_x, eval_y, source=directory)
 
 
+def import_tfds():
+  """TFDS, with TensorFlow kept off every GPU (they belong to JAX).
+
+  Imported only when a TFDS data set is used: TensorFlow takes ~2 s to import, and
+  the offline default (Debian's Fashion-MNIST files) needs none of it.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TensorFlow already started, with this setting from an earlier call.
+    pass
+  return tfds
+
+
 def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> ArraySplits:
-  import tensorflow_datasets as tfds  # Heavy; only when a TFDS data set is asked for.
+  tfds = import_tfds()
 
   splits = []
   for split in (info.train_split, info.eval_split):

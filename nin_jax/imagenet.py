@@ -13,17 +13,21 @@ import os
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from nin_jax import datasets, input_pipeline
 from nin_jax.errors import DataError
 
+tfds = datasets.import_tfds()
+
 CAFFE_RESIZE = 256
+AUGMENTS = ("none", "inception", "caffe")
+PREPROCESSES = ("caffe_mean", "standardize")
 
 
 def _builder(config) -> tfds.core.DatasetBuilder:
   builder = tfds.builder("imagenet2012", data_dir=config.data_dir or None)
   if builder.info.splits.total_num_examples == 0 or not tf.io.gfile.exists(builder.data_dir):
+    # Paths as TFDS takes them: local or gs://, never made absolute here.
     manual_dir = config.manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
     try:
       builder.download_and_prepare(
@@ -86,7 +90,7 @@ def _split_size(builder, split: str) -> int:
                     "and --config.eval_examples.") from e
 
 
-def make_data(config, size: int, process_index: int, process_count: int, data_cls):
+def make_data(config, size: int, process_index: int, process_count: int) -> input_pipeline.Data:
   """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
   info = datasets.get_info("imagenet2012")
   builder = _builder(config)
@@ -130,5 +134,5 @@ def make_data(config, size: int, process_index: int, process_count: int, data_cl
     for images, labels, mask in tfds.as_numpy(ds.prefetch(2)):
       yield input_pipeline.Batch(images, labels, mask)
 
-  return data_cls(train_batches=train_batches, eval_batches=eval_batches,
+  return input_pipeline.Data(train_batches=train_batches, eval_batches=eval_batches,
                   num_train_examples=num_train, num_eval_examples=sum(eval_counts))

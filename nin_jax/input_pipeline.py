@@ -6,15 +6,17 @@ iterator state. Each host builds only its own slice of every global batch; the
 trainer assembles global arrays with `jax.make_array_from_process_local_data`.
 
 Small data sets live in memory (see `datasets.py`); ImageNet streams from TFDS
-through tf.data on the CPU.
+through tf.data on the CPU (`imagenet.py`). `make_data` assembles either for a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
+
+from nin_jax import datasets
 
 # Caffe's ImageNet mean (RGB) in 0..255.
 IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
@@ -27,6 +29,15 @@ class Batch:
   images: np.ndarray
   labels: np.ndarray
   mask: np.ndarray
+
+
+@dataclasses.dataclass
+class Data:
+  """What the trainer needs: train batches from any step on, and a re-iterable eval split."""
+  train_batches: Callable[[int], Iterator[Batch]]  # start step -> batches
+  eval_batches: Callable[[], Iterator[Batch]]
+  num_train_examples: int
+  num_eval_examples: int
 
 
 def host_slice(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -76,6 +87,9 @@ def local_contrast_normalize(x: np.ndarray, radius: int = 4, sigma: float = 2.0,
   return (centred / np.maximum(divisor, eps)[..., None]).astype(np.float32)
 
 
+PREPROCESSES = ("standardize", "gcn_zca", "lcn", "none")
+
+
 def preprocess(train: np.ndarray, evaluation: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
   """Turns uint8 splits into float32 model inputs; statistics come from `train` only."""
   if method == "standardize":
@@ -92,7 +106,7 @@ def preprocess(train: np.ndarray, evaluation: np.ndarray, method: str) -> tuple[
     return local_contrast_normalize(train), local_contrast_normalize(evaluation)
   if method == "none":
     return train.astype(np.float32) / 255.0, evaluation.astype(np.float32) / 255.0
-  raise ValueError(f"Unknown preprocessing {method!r}; choose one of: standardize, gcn_zca, lcn, none.")
+  raise ValueError(f"Unknown preprocessing {method!r}; choose one of: {', '.join(PREPROCESSES)}.")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -191,3 +205,53 @@ def synthetic_eval(*, image_shape, num_classes: int, num_examples: int, seed: in
   return (rng.standard_normal((num_examples, *image_shape), np.float32),
           rng.integers(0, num_classes, num_examples).astype(np.int32))
 
+
+
+# ----------------------------------------------------------------------------- a config's data
+
+
+def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train: int,
+                process_index: int, process_count: int) -> Data:
+  """Data from a train source with `.batch(step)` and an in-memory eval split."""
+  return Data(
+      train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
+      eval_batches=lambda: eval_batches(eval_x, eval_y, global_batch=config.eval_batch_size,
+                                        process_index=process_index, process_count=process_count),
+      num_train_examples=num_train, num_eval_examples=len(eval_x))
+
+
+def _in_memory_data(config, process_index: int, process_count: int) -> Data:
+  arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download)
+  train_x, train_y = arrays.train_images, arrays.train_labels
+  eval_x, eval_y = arrays.eval_images, arrays.eval_labels
+  if config.train_examples > 0:
+    train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
+  if config.eval_examples > 0:
+    eval_x, eval_y = eval_x[:config.eval_examples], eval_y[:config.eval_examples]
+  train_x, eval_x = preprocess(train_x, eval_x, config.preprocess)
+  train = InMemoryTrain(train_x, train_y, global_batch=config.batch_size, seed=config.seed,
+                        augment_method=config.augment, process_index=process_index,
+                        process_count=process_count)
+  return _array_data(config, train, eval_x, eval_y, len(train_x), process_index, process_count)
+
+
+def _synthetic_data(config, image_shape: tuple[int, int, int], num_classes: int, process_index: int,
+                    process_count: int) -> Data:
+  train = SyntheticTrain(image_shape=image_shape, num_classes=num_classes, global_batch=config.batch_size,
+                         seed=config.seed, process_index=process_index, process_count=process_count)
+  eval_x, eval_y = synthetic_eval(image_shape=image_shape, num_classes=num_classes,
+                                  num_examples=config.eval_examples or 1000, seed=config.seed)
+  num_train = config.train_examples or config.batch_size * train.steps_per_epoch
+  return _array_data(config, train, eval_x, eval_y, num_train, process_index, process_count)
+
+
+def make_data(config, *, image_size: int, in_channels: int, num_classes: int, process_index: int,
+              process_count: int) -> Data:
+  """This host's share of the config's data set, at the model's input size."""
+  if config.dataset == "synthetic":
+    return _synthetic_data(config, (image_size, image_size, in_channels), num_classes,
+                           process_index, process_count)
+  if datasets.get_info(config.dataset).in_memory:
+    return _in_memory_data(config, process_index, process_count)
+  from nin_jax import imagenet  # tf.data streaming; imported only when used.
+  return imagenet.make_data(config, image_size, process_index, process_count)

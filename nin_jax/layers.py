@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 PoolKind = Literal["max", "avg"]
+POOL_KINDS: tuple[PoolKind, ...] = ("max", "avg")
 Initializer = Callable[..., jax.Array]
 
 

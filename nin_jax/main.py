@@ -15,7 +15,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/*.py config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory or URL (e.g. gs://bucket/run) for checkpoints, metrics and logs.")
 _FAST_CPU_DOT = flags.DEFINE_bool(
     "fast_cpu_dot", True,
     "On CPU, let XLA fuse dots through YNNPACK (--xla_cpu_experimental_ynn_fusion_type=dot): "
@@ -49,9 +50,6 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from nin_jax import errors, train  # pylint: disable=g-import-not-at-top
 
-  # TensorFlow (used for tf.data) must never take a GPU or TPU from JAX.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only used on CPU.
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

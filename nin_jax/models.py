@@ -14,10 +14,12 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from nin_jax import layers
+from nin_jax import datasets, layers
+from nin_jax.errors import ConfigError
 
 HEADS = ("gap", "fc", "fc_dropout")
 INITS = ("he", "caffe")
@@ -111,8 +113,8 @@ def get_spec(name: str, *, num_classes: int | None = None, pool2: layers.PoolKin
     last = blocks[-1]
     blocks[-1] = dataclasses.replace(last, features=(*last.features[:-1], num_classes))
   if pool2 is not None:
-    if pool2 not in ("max", "avg"):
-      raise _choice_error("pool2 kind", pool2, ("max", "avg"))
+    if pool2 not in layers.POOL_KINDS:
+      raise _choice_error("pool2 kind", pool2, layers.POOL_KINDS)
     blocks[1] = dataclasses.replace(blocks[1], pool=pool2)
   if dropout is not None:
     if not 0.0 <= dropout < 1.0:
@@ -253,6 +255,39 @@ def create_model(name: str, *, num_classes: int | None = None, head: Head = "gap
              rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model a training config asks for, resolved against its data set."""
+  spec: ModelSpec
+  image_size: int
+  config: ml_collections.ConfigDict
+
+  def build(self, rngs: nnx.Rngs) -> NIN:
+    c = self.config
+    return create_model(c.model, num_classes=self.spec.num_classes, head=c.head, init=c.init,
+                        dtype=c.dtype, image_size=self.image_size, in_channels=self.spec.in_channels,
+                        pool2=c.pool2 or None, dropout=_config_dropout(c), rngs=rngs)
+
+
+def _config_dropout(config) -> float | None:
+  return None if config.dropout < 0 else float(config.dropout)
+
+
+def from_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The config's variant with its data set's classes and channels, checked to fit its images."""
+  info = datasets.get_info(config.dataset)
+  synthetic = config.dataset == "synthetic"
+  try:
+    spec = get_spec(config.model, num_classes=None if synthetic else info.num_classes,
+                    in_channels=None if synthetic else info.channels, pool2=config.pool2 or None,
+                    dropout=_config_dropout(config))
+    image_size = config.image_size or (spec.image_size if synthetic else info.image_size)
+    feature_map_size(spec, image_size)
+  except ValueError as e:
+    raise ConfigError(f"{e} (model {config.model} on dataset {config.dataset})") from e
+  return ModelConfig(spec, image_size, config)
+
+
 def count_params(module: nnx.Module | None) -> int:
   if module is None:
     return 0
@@ -285,8 +320,13 @@ def summarize(model: NIN, image_size: int | None = None) -> list[LayerRow]:
     rows.append(LayerRow(name, tuple(y.shape[1:]), count_params(module), _mult_adds(module, y.shape)))
 
   x = jax.ShapeDtypeStruct((1, size, size, model.spec.in_channels), jnp.float32)
-  jax.eval_shape(lambda x: model(x, hook=hook), x)
+  nnx.eval_shape(lambda m, x: m(x, hook=hook), model, x)  # Also for an abstract `model`.
   return rows
+
+
+def abstract_model(name: str, **kwargs) -> NIN:
+  """`create_model` with shapes instead of numbers: for tables and counts, in milliseconds."""
+  return nnx.eval_shape(lambda: create_model(name, **kwargs))
 
 
 def format_table(rows: list[LayerRow]) -> str:
@@ -304,7 +344,7 @@ def models_markdown() -> str:
   lines = ["| model | input | classes | parameters | multiply-adds / image | source |",
            "|---|---|---|---|---|---|"]
   for name, spec in VARIANTS.items():
-    rows = summarize(create_model(name))
+    rows = summarize(abstract_model(name))
     params = sum(r.params for r in rows)
     gmacs = sum(r.mult_adds for r in rows) / 1e9
     lines.append(f"| `{name}` | {spec.image_size}x{spec.image_size}x{spec.in_channels} | "
@@ -328,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.name is None:
     parser.error(f"give a model name: {', '.join(VARIANTS)}")
   try:
-    model = create_model(args.name, head=args.head, num_classes=args.num_classes,
-                         image_size=args.image_size)
+    model = abstract_model(args.name, head=args.head, num_classes=args.num_classes,
+                           image_size=args.image_size)
     print(f"{args.name}, head {args.head}, input {model.image_size}x{model.image_size}"
           f"x{model.spec.in_channels}")
     print(format_table(summarize(model)))

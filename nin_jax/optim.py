@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nin_jax import models
+from nin_jax import configs, models
+from nin_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
@@ -103,3 +104,24 @@ def make_optimizer(*, name: str, schedule: optax.Schedule, weight_decay: float, 
     )
   raise ValueError(f"Unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}.")
 
+
+
+def from_config(config, spec: models.ModelSpec, abstract_params, num_steps: int,
+                steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The config's optimizer and schedule; durations become steps, lr scales with the batch."""
+  learning_rate = config.learning_rate * (
+      config.batch_size / config.base_batch_size if config.base_batch_size > 0 else 1.0)
+  schedule = make_schedule(
+      name=config.schedule, learning_rate=learning_rate, total_steps=num_steps,
+      warmup_steps=configs.steps(config, "warmup", steps_per_epoch),
+      decay_steps=configs.steps(config, "decay", steps_per_epoch), decay_factor=config.decay_factor)
+  try:
+    lr_mults, decay_mask = caffe_multipliers(
+        abstract_params, spec, bias_lr_mult=config.bias_lr_mult,
+        bias_weight_decay=config.bias_weight_decay, layer_lr_mults=dict(config.layer_lr_mults))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  tx = make_optimizer(name=config.optimizer, schedule=schedule, weight_decay=config.weight_decay,
+                      momentum=config.momentum, nesterov=config.nesterov,
+                      lr_mults=lr_mults, decay_mask=decay_mask)
+  return tx, schedule

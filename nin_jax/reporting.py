@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+
+from etils import epath
+
+from nin_jax import workdir as workdir_lib
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def format_duration(seconds: float) -> str:
@@ -18,27 +23,71 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class Reporter:
-  """Appends one JSON object per line (never truncates, so resumed runs extend the
-  log), mirrors scalars to TensorBoard, and prints a progress line."""
+class MetricsLog:
+  """`metrics.jsonl`: one JSON object per line, append-only as its readers see it.
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool = True,
+  Object stores cannot append (gcsfs's append mode silently overwrites), so on a URL
+  the log reads the existing object once, at start, and rewrites the whole object at
+  each write; an upload replaces the object atomically, so readers always see every
+  earlier line, a resumed run's included. On a local disk lines are appended, so
+  `tail -f` works.
+  """
+
+  def __init__(self, path: epath.Path):
+    self.path, self._remote = path, workdir_lib.is_url(path)
+    if self._remote:
+      self._text = path.read_text() if path.exists() else ""
+    else:
+      self._drop_partial_last_line()
+      self._file = path.open("a", encoding="utf-8")
+
+  def _drop_partial_last_line(self) -> None:
+    """A run killed mid-append can leave half a line; the next line must not extend it."""
+    if not self.path.exists():
+      return
+    data = self.path.read_bytes()
+    if data and not data.endswith(b"\n"):
+      with open(self.path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+
+  def append(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      self._text += line
+      self.path.write_text(self._text)
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def records(self) -> list[dict]:
+    text = self._text if self._remote else self.path.read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+  def close(self) -> None:
+    if not self._remote:
+      self._file.close()
+
+
+class Reporter:
+  """Writes `metrics.jsonl` (resumed runs extend it), mirrors scalars to TensorBoard,
+  and prints a progress line."""
+
+  def __init__(self, workdir: epath.Path, *, total_steps: int, enabled: bool = True,
                tensorboard: bool = True, stream=None):
     self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
-    self._tb = None
+    self._tb, self._closed = None, False
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self.log = MetricsLog(workdir / METRICS_FILE)
     if tensorboard:
       from tensorboardX import SummaryWriter  # Event files without installing TensorBoard.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))  # gs:// via google-cloud-storage.
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self.log.append(record)
     if self._tb is not None:
       for key, value in metrics.items():
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -60,8 +109,9 @@ class Reporter:
     self.print(" | ".join(parts))
 
   def close(self) -> None:
-    if self.enabled and not self._jsonl.closed:
-      self._jsonl.close()
+    if self.enabled and not self._closed:
+      self._closed = True
+      self.log.close()
       if self._tb is not None:
         self._tb.flush()
         self._tb.close()

@@ -10,3 +10,17 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+import pytest  # noqa: E402  (after the XLA flag, like everything that may import JAX)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+  """(config, workdir, final metrics) of one uninterrupted local run of `helpers.resume_config()`,
+  which the resume tests (local disk and gs://) must reproduce exactly. Trained once per session."""
+  from nin_jax import train
+  from tests import helpers
+  config = helpers.resume_config()
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return config, workdir, train.train_and_evaluate(config, str(workdir))

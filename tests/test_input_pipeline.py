@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nin_jax import datasets, input_pipeline
+from nin_jax import datasets, errors, input_pipeline
 
 
 def arrays(n=100, size=8, channels=3):
@@ -34,8 +34,12 @@ def test_host_shares_make_up_the_global_batch():
   shares = [input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="crop_flip",
                                          process_index=i, process_count=4) for i in range(4)]
   np.testing.assert_array_equal(np.concatenate([s.batch(5).labels for s in shares]), whole.batch(5).labels)
-  # Augmented images too: the random crops and flips do not depend on the host count.
+  # Augmented images too: the random crops and flips do not depend on the host count...
   np.testing.assert_array_equal(np.concatenate([s.batch(5).images for s in shares]), whole.batch(5).images)
+  # ...and they are augmented: the same examples without augmentation differ.
+  plain = input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="none").batch(5)
+  np.testing.assert_array_equal(plain.labels, whole.batch(5).labels)
+  assert not np.array_equal(plain.images, whole.batch(5).images)
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])
@@ -52,15 +56,18 @@ def test_eval_batches_count_every_example_once(process_count):
 
 
 def test_crop_and_flip():
-  x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
+  x = np.arange(32 * 4 * 4, dtype=np.float32).reshape(32, 4, 4, 1) + 1
   flipped = input_pipeline.augment(x, "flip", np.random.default_rng(0))
-  for a, b in zip(flipped, x):
-    assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+  was_flipped = [np.array_equal(a, b[:, ::-1]) for a, b in zip(flipped, x)]
+  assert all(f or np.array_equal(a, b) for f, a, b in zip(was_flipped, flipped, x))
+  assert 8 <= sum(was_flipped) <= 24  # About half, and neither none nor all.
   cropped = input_pipeline.augment(x, "crop", np.random.default_rng(1), pad=1)
   assert cropped.shape == x.shape
+  offsets = []
   for a, b in zip(cropped, x):  # Each crop is a shifted copy, zero-filled at the edge.
     padded = np.pad(b, ((1, 1), (1, 1), (0, 0)))
-    assert any(np.array_equal(a, padded[i:i + 4, j:j + 4]) for i in range(3) for j in range(3))
+    offsets += [(i, j) for i in range(3) for j in range(3) if np.array_equal(a, padded[i:i + 4, j:j + 4])]
+  assert len(offsets) == 32 and len(set(offsets)) >= 5  # Many different shifts, not just (1, 1).
   with pytest.raises(ValueError, match="choose one of"):
     input_pipeline.augment(x, "mixup", np.random.default_rng(0))
 
@@ -116,3 +123,10 @@ def test_fashion_mnist_is_the_real_data_set():
   assert a.train_images.shape == (60000, 28, 28, 1) and a.eval_images.shape == (10000, 28, 28, 1)
   assert np.bincount(a.train_labels).tolist() == [6000] * 10
   assert np.bincount(a.eval_labels).tolist() == [1000] * 10
+
+
+def test_missing_data_set_says_how_to_get_it(tmp_path):
+  with pytest.raises(errors.DataError, match="tfds build mnist"):
+    datasets.load_arrays("mnist", data_dir=str(tmp_path / "empty"), download=False)
+  with pytest.raises(errors.DataError, match="apt-get install dataset-fashion-mnist"):
+    datasets.load_arrays("fashion_mnist", data_dir=str(tmp_path / "empty"), download=False)
