@@ -4,8 +4,9 @@ Command:  python -m nin_jax.main --config experiments/nin_fashion_mnist.py --wor
 Hardware: 2 CPU cores (XLA:CPU), no accelerator.
 Data:     Debian's dataset-fashion-mnist (60,000 train / 10,000 test images), else TFDS.
 Expected: 92.76% top-1 on all 10,000 test images (seed 0), measured on a 2-core machine in
-          1,132 s wall clock (18.9 min, start-up and compilation included, another job sharing
-          the cores) and 679 s alone; the model still underfits at the end (train top-1 94.6%).
+          888 s wall clock (14.8 min, start-up and compilation included) with nothing else
+          running, 1,132 s beside other work; the model still underfits at the end (train
+          top-1 94.6%).
 
 The recipe is tuned for a short CPU budget rather than copied from the paper: no
 dropout (it slows the first epochs, and 5.4 epochs barely overfit), label smoothing

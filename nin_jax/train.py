@@ -210,7 +210,7 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict,
   """Steps from `start_step` to the end; returns the last evaluation's metrics."""
   job, c, reporter = trainer.job, trainer.job.config, trainer.reporter
   metrics = train_metrics.TrainMetrics(saved, num_classes=job.model.spec.num_classes,
-                         stuck_loss_steps=c.stuck_loss_steps, say=reporter.print)
+                                       stuck_loss_steps=c.stuck_loss_steps, say=reporter.print)
   batches = prefetch(job.data.train_batches(start_step), job.put)
   last_saved, eval_metrics = start_step or None, {}
   tick, images = time.perf_counter(), 0
