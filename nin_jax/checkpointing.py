@@ -16,7 +16,7 @@ from etils import epath
 from flax import nnx
 
 from nin_jax import models, workdir as workdir_lib
-from nin_jax.errors import DataError
+from nin_jax.errors import ConfigError, DataError
 
 
 def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
@@ -36,13 +36,34 @@ def save(manager: ocp.CheckpointManager, step: int, state, host_state: dict) -> 
   manager.wait_until_finished()
 
 
+def _leaf_shapes(tree) -> list[tuple]:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return sorted((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+def _saved_state_metadata(manager: ocp.CheckpointManager, step: int):
+  return ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn=print):
   """The newest checkpoint that restores cleanly, as (state, host_state, step), or (None, None, 0).
 
   `abstract_state` carries shapes, dtypes and shardings, so arrays come back
-  already placed on the mesh.
+  already placed on the mesh. A checkpoint whose arrays have other shapes than the
+  model's was saved by another model: that is a ConfigError, never damage (falling
+  back past it would train a new model over the old run's checkpoints).
   """
+  expected = _leaf_shapes(abstract_state)
   for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved = _leaf_shapes(_saved_state_metadata(manager, step))
+    except Exception:  # pylint: disable=broad-except  # Unreadable: damaged; the restore below says so.
+      saved = []
+    if saved and saved != expected:  # No metadata at all is damage, too.
+      raise ConfigError(
+          f"The checkpoint at step {step} in {manager.directory} was saved by another model ({len(saved)} "
+          f"arrays; this config's has {len(expected)} or other shapes); a model cannot change within a "
+          "run: use a new --workdir.")
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
@@ -76,7 +97,7 @@ def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> 
     if step is None:
       raise DataError(f"No checkpoint in {manager.directory}; train first.")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    saved = ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+    saved = _saved_state_metadata(manager, step)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved,
                           is_leaf=lambda m: hasattr(m, "shape"))
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))

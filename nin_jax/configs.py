@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_batch_size = 512  # Rounded up to a multiple of the device count; padding is masked.
   c.stuck_loss_steps = 300  # Warn when the loss sits at ln(num_classes) this long.
+  # Resuming: a rerun may change only lineage.SAFE_TO_CHANGE keys, plus these (comma-separated).
+  c.allow_changes = ""
   return c
 
 
@@ -128,6 +130,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     raise ConfigError(f"learning_rate must be a positive finite number, got {lr!r}.")
   if config.num_train_steps <= 0 and not config.num_epochs > 0:
     raise ConfigError("Set num_epochs > 0 or num_train_steps > 0.")
+  unknown = sorted({k.strip() for k in config.allow_changes.split(",") if k.strip()} - set(default_config().keys()))
+  if unknown:
+    raise ConfigError(f"allow_changes names unknown config key(s) {', '.join(unknown)}; name keys of "
+                      "nin_jax/configs.py:default_config(), separated by commas.")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ConfigError(f"{key} must be positive, got {config[key]}.")

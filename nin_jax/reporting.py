@@ -75,23 +75,27 @@ class Reporter:
   def __init__(self, workdir: epath.Path, *, total_steps: int, enabled: bool = True,
                tensorboard: bool = True, stream=None):
     self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
+    self._tensorboard_dir = str(workdir / "tensorboard") if tensorboard else None
     self._tb, self._closed = None, False
-    if not enabled:
-      return
-    self.log = MetricsLog(workdir / METRICS_FILE)
-    if tensorboard:
+    if enabled:
+      self.log = MetricsLog(workdir / METRICS_FILE)
+
+  def _scalars(self, step: int, metrics: dict) -> None:
+    """TensorBoard events; the writer (and its file) appears with the first scalar."""
+    if self._tb is None:
       from tensorboardX import SummaryWriter  # Event files without installing TensorBoard.
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))  # gs:// via google-cloud-storage.
+      self._tb = SummaryWriter(self._tensorboard_dir)  # gs:// via google-cloud-storage.
+    for key, value in metrics.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(key, value, global_step=int(step))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}}
     self.log.append(record)
-    if self._tb is not None:
-      for key, value in metrics.items():
-        if isinstance(value, (int, float)) and math.isfinite(value):
-          self._tb.add_scalar(key, value, global_step=int(step))
+    if self._tensorboard_dir is not None:
+      self._scalars(step, metrics)
 
   def print(self, message: str) -> None:
     if self.enabled:

@@ -29,8 +29,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, configs, input_pipeline, models, optim, preemption, reporting,
-                     train_metrics, workdir as workdir_lib)
+from nin_jax import (checkpointing, configs, input_pipeline, lineage, models, optim, preemption,
+                     reporting, train_metrics, workdir as workdir_lib)
 from nin_jax.errors import Interrupted
 
 
@@ -123,6 +123,7 @@ class Job:
   steps_per_epoch: int
   eval_every: int
   mesh: Mesh
+  config_changes: dict | None  # Since the workdir's last segment; None for a new workdir.
 
   @property
   def top5(self) -> bool:
@@ -141,6 +142,7 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
   # Eval batches are padded and masked anyway, so any size can round up to fit the mesh.
   config.eval_batch_size = -(-config.eval_batch_size // len(devices)) * len(devices)
   path = workdir_lib.prepare(workdir)
+  config_changes = lineage.changes(path, config)  # Refuses another run's workdir, writing nothing.
   model = models.from_config(config)
   data = input_pipeline.make_data(config, image_size=model.image_size, in_channels=model.spec.in_channels,
                                   num_classes=model.spec.num_classes, process_index=jax.process_index(),
@@ -150,7 +152,7 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
   eval_every = {0: steps_per_epoch}.get(config.eval_every_steps, config.eval_every_steps)
   return Job(config, path, devices, model, data, num_steps, steps_per_epoch,
              eval_every=eval_every if eval_every > 0 else num_steps,  # < 0: only at the end.
-             mesh=Mesh(np.array(devices), ("data",)))
+             mesh=Mesh(np.array(devices), ("data",)), config_changes=config_changes)
 
 
 class Trainer:
@@ -288,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     else:
       reporter.print(f"resumed from the checkpoint at step {start_step}")
     if is_main:
-      workdir_lib.write_config(job.workdir, job.config.to_dict())
+      lineage.record(job.workdir, job.config, job.config_changes, start_step, say=reporter.print)
     reporter.print(_describe(job))
     if start_step >= job.num_steps:
       return _finished(trainer, state)

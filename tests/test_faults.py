@@ -1,0 +1,60 @@
+"""Faults and bad input lose nothing: each test makes the fault for real."""
+
+import json
+import os
+
+import pytest
+
+from nin_jax import errors, lineage, train
+from tests.helpers import needs_fmnist, read_metrics, small_config
+
+
+def snapshot(workdir) -> dict[str, bytes]:
+  """Every file under `workdir`, by relative path: to prove a refused run changed nothing."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, workdir)] = f.read()
+  return files
+
+
+@needs_fmnist
+def test_a_rerun_that_changes_the_run_is_refused_and_changes_nothing(tmp_path, capsys):
+  workdir = str(tmp_path)
+  config = small_config(num_train_steps=4, schedule="cosine")
+  train.train_and_evaluate(config, workdir)
+  before = snapshot(workdir)
+  refused = [dict(head="fc"), dict(batch_size=64), dict(learning_rate=0.5), dict(dataset="synthetic"),
+             dict(seed=1), dict(augment="flip"), dict(optimizer="sgd"), dict(init="caffe"),
+             dict(train_examples=256), dict(dtype="bfloat16"), dict(label_smoothing=0.1)]
+  for change in refused:
+    (key, value), = change.items()
+    with pytest.raises(errors.ConfigError, match=rf"holds a run with other settings \({key} was .*, now "
+                                                 rf"{value!r}\).*--config.allow_changes={key}\."):
+      train.train_and_evaluate(small_config(num_train_steps=4, schedule="cosine", **change), workdir)
+    assert snapshot(workdir) == before, change
+
+  # Allowed on purpose, the model still cannot change: a mismatch, not "damage" to train over.
+  with pytest.raises(errors.ConfigError, match="saved by another model"):
+    train.train_and_evaluate(small_config(num_train_steps=4, schedule="cosine", head="fc",
+                                          allow_changes="head"), workdir)
+  assert snapshot(workdir) == before
+
+  # Safe changes and a deliberate branch continue, and the workdir records which held from when.
+  train.train_and_evaluate(small_config(num_train_steps=6, schedule="cosine", learning_rate=1e-3,
+                                        allow_changes="learning_rate", log_every_steps=3), workdir)
+  out = capsys.readouterr().out
+  assert "changed from step 4: learning_rate 0.002 -> 0.001" in out
+  assert "cosine learning-rate schedule now stretches" in out
+  train.train_and_evaluate(small_config(num_train_steps=8, schedule="cosine", learning_rate=1e-3), workdir)
+  assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.002  # The first segment's.
+  history = [json.loads(line) for line in (tmp_path / lineage.HISTORY_FILE).read_text().splitlines()]
+  assert history == [
+      {"from_step": 4, "changes": {"learning_rate": {"from": 0.002, "to": 0.001},
+                                   "log_every_steps": {"from": 2, "to": 3},
+                                   "num_train_steps": {"from": 4, "to": 6}}},
+      {"from_step": 6, "changes": {"log_every_steps": {"from": 3, "to": 2},
+                                   "num_train_steps": {"from": 6, "to": 8}}}]
+  assert [r["step"] for r in read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8]
