@@ -86,13 +86,12 @@ def steps(config: ml_collections.ConfigDict, duration: str, steps_per_epoch: int
   return int(round(epochs * steps_per_epoch))
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
-  """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
+def _validate_choices(config: ml_collections.ConfigDict) -> None:
+  """Every key known, every named choice one that its module implements."""
   from nin_jax import datasets, input_pipeline, layers, models, optim  # Local: config files stay JAX-free.
 
   choices = {"head": models.HEADS, "init": models.INITS, "dtype": tuple(models.DTYPES),
              "optimizer": optim.OPTIMIZERS, "schedule": optim.SCHEDULES, "pool2": ("", *layers.POOL_KINDS)}
-
   unknown = sorted(set(config.keys()) - set(default_config().keys()))
   if unknown:
     raise ConfigError(f"Unknown config key(s) {', '.join(unknown)}; valid keys are listed in "
@@ -116,6 +115,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
   if config.preprocess not in preprocesses:
     raise ConfigError(f"Unknown preprocess {config.preprocess!r} for {config.dataset}; choose one of: "
                       f"{', '.join(preprocesses)}.")
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
+  """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
+  from nin_jax import datasets  # pylint: disable=g-import-not-at-top
+
+  _validate_choices(config)
+  info = datasets.DATASETS[config.dataset]
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   if config.batch_size % device_count:
@@ -123,6 +130,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
                       f"use a multiple of {device_count}.")
   if not isinstance(config.eval_batch_size, int) or config.eval_batch_size <= 0:
     raise ConfigError(f"eval_batch_size must be a positive integer, got {config.eval_batch_size!r}.")
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}.")
+  if info.in_memory and config.dataset != "synthetic" and config.image_size not in (0, info.image_size):
+    raise ConfigError(f"image_size {config.image_size} cannot apply to {config.dataset}, whose images are "
+                      f"{info.image_size}x{info.image_size} and are not resized; leave image_size at 0.")
   if config.batch_size % process_count:
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts.")
   lr = config.learning_rate

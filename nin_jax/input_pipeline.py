@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from nin_jax import datasets
+from nin_jax.errors import ConfigError
 
 # Caffe's ImageNet mean (RGB) in 0..255.
 IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
@@ -229,6 +230,10 @@ def _in_memory_data(config, process_index: int, process_count: int) -> Data:
   if config.eval_examples > 0:
     eval_x, eval_y = eval_x[:config.eval_examples], eval_y[:config.eval_examples]
   train_x, eval_x = preprocess(train_x, eval_x, config.preprocess)
+  if config.batch_size > len(train_x):
+    raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_x):,} training examples of "
+                      f"{config.dataset}; lower --config.batch_size"
+                      + (" or raise --config.train_examples." if config.train_examples > 0 else "."))
   train = InMemoryTrain(train_x, train_y, global_batch=config.batch_size, seed=config.seed,
                         augment_method=config.augment, process_index=process_index,
                         process_count=process_count)

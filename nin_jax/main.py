@@ -67,8 +67,10 @@ def run() -> None:
       _CONFIG.value.to_dict()
   except Exception as e:  # pylint: disable=broad-except
     cause = e.__cause__ or e
-    message = " ".join(str(cause).replace("\\n", " ").split()).replace("\\'", "'")
-    _fail(f"bad flags or config ({type(cause).__name__}): {message}")
+    text = str(cause).replace("\\n", "\n").replace("\\'", "'")
+    if "Traceback (most recent call last)" in text:  # A config file's get_config() raised:
+      text = text.strip().splitlines()[-1]  # its own exception line is what the user needs.
+    _fail(f"bad flags or config ({type(cause).__name__}): {' '.join(text.split())}")
   main(argv)
 
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from nin_jax import errors, lineage, train
-from tests.helpers import needs_fmnist, read_metrics, small_config
+from nin_jax import configs, errors, input_pipeline, lineage, train
+from tests.helpers import needs_fmnist, read_metrics, run_main, small_config
 
 
 def snapshot(workdir) -> dict[str, bytes]:
@@ -58,3 +58,29 @@ def test_a_rerun_that_changes_the_run_is_refused_and_changes_nothing(tmp_path, c
       {"from_step": 6, "changes": {"log_every_steps": {"from": 3, "to": 2},
                                    "num_train_steps": {"from": 6, "to": 8}}}]
   assert [r["step"] for r in read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seed=-1), "seed must be a non-negative integer, got -1"),
+    (dict(image_size=8), "image_size 8 cannot apply to fashion_mnist, whose images are 28x28"),
+])
+def test_bad_values_are_one_sentence(change, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    configs.validate(small_config(**change), device_count=8)
+
+
+@needs_fmnist
+def test_a_batch_larger_than_the_training_set_is_one_sentence():
+  config = small_config(train_examples=100, batch_size=128)
+  with pytest.raises(errors.ConfigError, match="batch_size 128 exceeds the 100 training examples of fashion_mnist; "
+                                               "lower --config.batch_size or raise --config.train_examples"):
+    input_pipeline.make_data(config, image_size=28, in_channels=1, num_classes=10, process_index=0,
+                             process_count=1)
+
+
+def test_an_unknown_config_variant_is_its_own_message(tmp_path):
+  proc = run_main(["--config", "experiments/nin_imagenet.py:nope", "--workdir", str(tmp_path)])
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert err.strip() == ("error: bad flags or config (IllegalFlagValueError): ValueError: Unknown variant "
+                         "'nope'; choose caffe or modern.")
