@@ -2,7 +2,7 @@
 
 Orbax writes each checkpoint to a temporary directory and commits it when it is
 complete (a rename on a local disk, a commit marker on GCS), so a run killed
-mid-save never leaves a half-written step behind. `restore_latest` also survives a
+mid-save never leaves a half-written step behind. `restore` also survives a
 latest checkpoint that was damaged afterwards: it warns and falls back to the
 previous one. `load_model` gives notebooks and tests a trained model.
 """
@@ -16,7 +16,7 @@ from etils import epath
 from flax import nnx
 
 from nin_jax import models, workdir as workdir_lib
-from nin_jax.errors import ConfigError, DataError
+from nin_jax.errors import ConfigError, DataError, TrainingDiverged
 
 
 def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
@@ -27,10 +27,14 @@ def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManag
 
 def save(manager: ocp.CheckpointManager, step: int, state, host_state: dict) -> None:
   """Saves the device `state` and the JSON-able `host_state` (partial metric sums) at
-  `step`, and waits until both are stored. A step that is already there can only be
-  one `restore_latest` skipped as damaged, so it is replaced."""
-  if step in manager.all_steps():
-    manager.delete(step)
+  `step`, and waits until both are stored.
+
+  Steps at or after `step` can only be a damaged one that `restore` skipped or those of
+  a branch abandoned with `restore_step`: this run's checkpoint replaces them, so that
+  the latest checkpoint is always this run's.
+  """
+  for stale in sorted(s for s in manager.all_steps() if s >= step):
+    manager.delete(stale)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
   manager.wait_until_finished()
@@ -45,8 +49,9 @@ def _saved_state_metadata(manager: ocp.CheckpointManager, step: int):
   return ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn=print):
-  """The newest checkpoint that restores cleanly, as (state, host_state, step), or (None, None, 0).
+def restore(manager: ocp.CheckpointManager, abstract_state, warn=print, wanted: int | None = None):
+  """Checkpoint `wanted` (`restore_step`), else the newest that restores cleanly, as
+  (state, host_state, step), or (None, None, 0) in a new workdir.
 
   `abstract_state` carries shapes, dtypes and shardings, so arrays come back
   already placed on the mesh. A checkpoint whose arrays have other shapes than the
@@ -54,7 +59,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn=print):
   back past it would train a new model over the old run's checkpoints).
   """
   expected = _leaf_shapes(abstract_state)
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  if wanted is not None and wanted not in steps:
+    raise ConfigError(f"restore_step {wanted} is not a checkpoint in {manager.directory}; the checkpoints are "
+                      f"at steps {', '.join(map(str, sorted(steps))) or 'none'}.")
+  for step in [wanted] if wanted is not None else steps:
     try:
       saved = _leaf_shapes(_saved_state_metadata(manager, step))
     except Exception:  # pylint: disable=broad-except  # Unreadable: damaged; the restore below says so.
@@ -70,10 +79,29 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, warn=print):
       jax.block_until_ready(restored.state)
       return restored.state, restored.host, step
     except Exception as e:  # A damaged checkpoint can fail in many ways; try an older one.
-      warn(f"warning: checkpoint at step {step} could not be restored "
-           f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-           "trying the previous one.")
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+      if wanted is not None:
+        raise DataError(f"The checkpoint at step {wanted} cannot be restored ({reason}); choose another "
+                        "--config.restore_step.") from e
+      warn(f"warning: checkpoint at step {step} could not be restored ({reason}); trying the previous one.")
   return None, None, 0
+
+
+def diverged_error(what: str, manager: ocp.CheckpointManager) -> TrainingDiverged:
+  """The error for a diverged run: what happened, what is kept, how to go on from it.
+
+  Only finite states are ever saved, but a finite one may already be far off: the
+  message lists every checkpoint so the user can go back further than the last.
+  """
+  steps = sorted(manager.all_steps())
+  if not steps:
+    return TrainingDiverged(f"{what}; no checkpoint was saved yet. Lower --config.learning_rate or add "
+                            "warm-up (--config.warmup_epochs) and start again.")
+  return TrainingDiverged(
+      f"{what}; the checkpoints are kept, at steps {', '.join(map(str, steps))} (all finite). Go on from one "
+      f"of them with a lower learning rate, e.g. --config.restore_step={steps[0]} "
+      "--config.learning_rate=LOWER --config.allow_changes=learning_rate (the later checkpoints are kept "
+      "until that run saves its first), or start a new --workdir.")
 
 
 def _pure_dict(tree):

@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.stuck_loss_steps = 300  # Warn when the loss sits at ln(num_classes) this long.
   # Resuming: a rerun may change only lineage.SAFE_TO_CHANGE keys, plus these (comma-separated).
   c.allow_changes = ""
+  c.restore_step = -1  # >= 0: resume from this checkpoint instead of the latest (a branch).
   return c
 
 

@@ -31,7 +31,7 @@ SAFE_TO_CHANGE = frozenset({
     "eval_batch_size", "eval_examples", "stuck_loss_steps",  # What is reported, not what is trained.
     "data_dir", "manual_dir", "download",  # Where the same data comes from.
 })
-_NOT_RECORDED = frozenset({"allow_changes"})  # An instruction for one rerun, not a setting.
+_NOT_RECORDED = frozenset({"allow_changes", "restore_step"})  # Instructions for one rerun.
 
 
 def allowed_changes(config) -> set[str]:
@@ -49,6 +49,16 @@ def effective_config(path: epath.Path) -> dict | None:
     for line in history.read_text().splitlines():
       config.update({k: change["to"] for k, change in json.loads(line)["changes"].items()})
   return config
+
+
+def branch_taken(path: epath.Path, restore_step: int) -> bool:
+  """Whether the last branch recorded in the workdir started at `restore_step` (and saved): a
+  rerun of the command that made it must resume the branch, not branch again."""
+  history = path / HISTORY_FILE
+  if not history.exists():
+    return False
+  branches = [e for e in map(json.loads, history.read_text().splitlines()) if e.get("branched")]
+  return bool(branches) and branches[-1]["from_step"] == restore_step
 
 
 def _json_value(value):
@@ -76,15 +86,18 @@ def changes(path: epath.Path, config) -> dict[str, dict] | None:
   return diffs
 
 
-def record(path: epath.Path, config, diffs: dict | None, from_step: int, say=print) -> None:
-  """Writes config.json for a new workdir, or appends this segment's changes to the history."""
+def record(path: epath.Path, config, diffs: dict | None, from_step: int, say=print,
+           branched: bool = False) -> None:
+  """Writes config.json for a new workdir, or appends this segment's changes to the history
+  (`branched`: it resumed an earlier checkpoint than the latest, on purpose)."""
   if diffs is None:
     workdir_lib.write_config(path, _json_value(config.to_dict()))
     return
-  if not diffs:
+  if not diffs and not branched:
     return
   history = path / HISTORY_FILE
-  line = json.dumps({"from_step": from_step, "changes": diffs}) + "\n"
+  entry = {"from_step": from_step, "changes": diffs, **({"branched": True} if branched else {})}
+  line = json.dumps(entry) + "\n"
   workdir_lib.write_text(history, (history.read_text() if history.exists() else "") + line)
   for key, change in diffs.items():
     say(f"changed from step {from_step}: {key} {change['from']!r} -> {change['to']!r}")

@@ -16,7 +16,6 @@ collective (`preemption.py`). Every device-to-host transfer happens inside
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -27,10 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, configs, input_pipeline, lineage, models, optim, preemption,
-                     reporting, train_metrics, workdir as workdir_lib)
+from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, optim, preemption, reporting,
+                     train_metrics)
 from nin_jax.errors import Interrupted
 
 
@@ -111,54 +110,10 @@ def prefetch(batches: Iterator[input_pipeline.Batch], put: Callable, size: int =
 # ----------------------------------------------------------------------------- the job
 
 
-@dataclasses.dataclass
-class Job:
-  """Everything a run is made of, derived from the config before the first step."""
-  config: ml_collections.ConfigDict
-  workdir: workdir_lib.epath.Path
-  devices: list
-  model: models.ModelConfig
-  data: input_pipeline.Data
-  num_steps: int
-  steps_per_epoch: int
-  eval_every: int
-  mesh: Mesh
-  config_changes: dict | None  # Since the workdir's last segment; None for a new workdir.
-
-  @property
-  def top5(self) -> bool:
-    return self.model.spec.num_classes >= 100
-
-  def put(self, local: np.ndarray) -> jax.Array:
-    """This host's rows of a global batch, as one array sharded over the `data` axis."""
-    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), local, global_shape)
-
-
-def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -> Job:
-  config = ml_collections.ConfigDict(config.to_dict())
-  devices = list(devices) if devices is not None else jax.devices()
-  configs.validate(config, len(devices), jax.process_count())
-  # Eval batches are padded and masked anyway, so any size can round up to fit the mesh.
-  config.eval_batch_size = -(-config.eval_batch_size // len(devices)) * len(devices)
-  path = workdir_lib.prepare(workdir)
-  config_changes = lineage.changes(path, config)  # Refuses another run's workdir, writing nothing.
-  model = models.from_config(config)
-  data = input_pipeline.make_data(config, image_size=model.image_size, in_channels=model.spec.in_channels,
-                                  num_classes=model.spec.num_classes, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-  steps_per_epoch = max(data.num_train_examples // config.batch_size, 1)
-  num_steps = configs.steps(config, "train", steps_per_epoch)
-  eval_every = {0: steps_per_epoch}.get(config.eval_every_steps, config.eval_every_steps)
-  return Job(config, path, devices, model, data, num_steps, steps_per_epoch,
-             eval_every=eval_every if eval_every > 0 else num_steps,  # < 0: only at the end.
-             mesh=Mesh(np.array(devices), ("data",)), config_changes=config_changes)
-
-
 class Trainer:
   """The state and the steps of one job, and the actions of the loop."""
 
-  def __init__(self, job: Job, reporter: reporting.Reporter):
+  def __init__(self, job: job_lib.Job, reporter: reporting.Reporter):
     self.job, self.reporter, c = job, reporter, job.config
     replicated = NamedSharding(job.mesh, P())
     batch = NamedSharding(job.mesh, P("data"))
@@ -175,6 +130,8 @@ class Trainer:
                         label_smoothing=c.label_smoothing, top5=job.top5),
         in_shardings=(self.state_sharding, batch, batch), out_shardings=(self.state_sharding, replicated),
         donate_argnums=0)
+    self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(  # Every float of the state, on device.
+        [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
     self.eval_step = jax.jit(make_eval_step(self.graphdef, top5=job.top5),
                              in_shardings=(self.state_sharding["params"], batch, batch, batch),
                              out_shardings=replicated)
@@ -207,14 +164,15 @@ def _due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def train_loop(trainer: Trainer, state, start_step: int, saved: dict,
-               manager: checkpointing.ocp.CheckpointManager) -> dict[str, float]:
+def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: checkpointing.ocp.CheckpointManager,
+               on_first_save: Callable[[], None] | None = None) -> dict[str, float]:
   """Steps from `start_step` to the end; returns the last evaluation's metrics."""
   job, c, reporter = trainer.job, trainer.job.config, trainer.reporter
   metrics = train_metrics.TrainMetrics(saved, num_classes=job.model.spec.num_classes,
-                                       stuck_loss_steps=c.stuck_loss_steps, say=reporter.print)
+                                       stuck_loss_steps=c.stuck_loss_steps, say=reporter.print,
+                                       diverged=lambda what: checkpointing.diverged_error(what, manager))
   batches = prefetch(job.data.train_batches(start_step), job.put)
-  last_saved, eval_metrics = start_step or None, {}
+  eval_metrics = {}
   tick, images = time.perf_counter(), 0
   with preemption.StopRequest(reporter.print) as stop:
     for step in range(start_step + 1, job.num_steps + 1):
@@ -224,13 +182,18 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict,
       stopping = stop.requested(step)
       with _host_sync():
         if _due(step, c.log_every_steps, job.num_steps):
-          metrics.fetch(step, last_saved)
+          metrics.fetch(step)
           trainer.log(step, metrics, time.perf_counter() - tick, images)
           tick, images = time.perf_counter(), 0
         if _due(step, c.checkpoint_every_steps, job.num_steps) or stopping:
-          metrics.fetch(step, last_saved)  # A diverged state is never saved.
+          metrics.fetch(step)  # A diverged state is never saved...
+          if not bool(trainer.all_finite(state)):  # ...nor one whose numbers overflowed.
+            raise checkpointing.diverged_error(f"The parameters or optimizer state became non-finite by step {step}",
+                                                 manager)
           checkpointing.save(manager, step, state, metrics.host_state())
-          last_saved = step
+          if on_first_save is not None:
+            on_first_save()
+            on_first_save = None
         if stopping:
           raise Interrupted(f"Stopped by {stop.signal.name} at step {step}; checkpoint saved. "
                             "Run the same command to resume.", stop.signal)
@@ -259,7 +222,7 @@ def _finished(trainer: Trainer, state) -> dict[str, float]:
     return trainer.evaluate(state, job.num_steps)
 
 
-def _describe(job: Job) -> str:
+def _describe(job: job_lib.Job) -> str:
   c = job.config
   return (f"{c.model}/{c.head} on {c.dataset}: {job.data.num_train_examples:,} train and "
           f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
@@ -276,25 +239,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluation metrics. Raises a `UserError` subclass for anything the user can fix.
   `devices` (default: all devices of all hosts) form the `data` mesh axis.
   """
-  job = make_job(config, workdir, devices)
+  job = job_lib.make_job(config, workdir, devices)
   is_main = jax.process_index() == 0
   reporter = reporting.Reporter(job.workdir, total_steps=job.num_steps, enabled=is_main)
   manager = checkpointing.make_manager(job.workdir, keep=job.config.keep_checkpoints)
   try:  # Also on errors and interrupts: flush the logs, finish any save.
     trainer = Trainer(job, reporter)
-    state, saved, start_step = checkpointing.restore_latest(manager, trainer.abstract_state,
-                                                           warn=reporter.print)
+    restore_step = job.config.restore_step if job.config.restore_step >= 0 else None
+    if restore_step is not None and lineage.branch_taken(job.workdir, restore_step):
+      reporter.print(f"the branch from step {restore_step} (restore_step) was taken already: resuming it.")
+      restore_step = None
+    latest = manager.latest_step()
+    state, saved, start_step = checkpointing.restore(manager, trainer.abstract_state, warn=reporter.print,
+                                                     wanted=restore_step)
     if state is None:
       state, saved = trainer.init_state(), {}
       reporter.print(f"starting from scratch: {trainer.num_params:,} parameters")
     else:
       reporter.print(f"resumed from the checkpoint at step {start_step}")
-    if is_main:
-      lineage.record(job.workdir, job.config, job.config_changes, start_step, say=reporter.print)
+    branched = restore_step is not None and restore_step < latest
+
+    def record():
+      if is_main:
+        lineage.record(job.workdir, job.config, job.config_changes, start_step, say=reporter.print,
+                       branched=branched)
+
+    if branched:  # The abandoned steps go, and the branch is recorded, when it saves its first.
+      later = [s for s in manager.all_steps() if s > start_step]
+      reporter.print(f"branching from step {start_step} as asked (restore_step): the later checkpoints "
+                     f"(steps {', '.join(map(str, sorted(later)))}) are kept until this run saves its first.")
+    else:
+      record()
     reporter.print(_describe(job))
     if start_step >= job.num_steps:
       return _finished(trainer, state)
-    return train_loop(trainer, state, start_step, saved, manager)
+    return train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None)
   finally:
     manager.close()
     reporter.close()

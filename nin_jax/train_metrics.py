@@ -22,23 +22,22 @@ class TrainMetrics:
   exactly what an uninterrupted one logs. Fetching also checks every step's loss: a
   NaN stops the run before it can be saved, and a loss stuck at ln(classes) warns."""
 
-  def __init__(self, saved: dict, *, num_classes: int, stuck_loss_steps: int, say: Callable):
+  def __init__(self, saved: dict, *, num_classes: int, stuck_loss_steps: int, say: Callable,
+               diverged: Callable[[str], TrainingDiverged]):
+    self._diverged = diverged  # what happened -> the error that says what to do
     self.sums = dict(saved.get("window", {"loss": 0.0, "correct": 0.0, "correct_top5": 0.0, "steps": 0}))
     self.stuck_steps = int(saved.get("stuck_steps", 0))
     self.pending: list[dict[str, jax.Array]] = []
     self._num_classes, self._stuck_loss_steps, self._say = num_classes, stuck_loss_steps, say
 
-  def fetch(self, step: int, last_saved: int | None) -> None:
+  def fetch(self, step: int) -> None:
     """Adds the pending steps (the last of which is `step`) to the host sums."""
     fetched, self.pending = jax.device_get(self.pending), []
     chance = math.log(self._num_classes)
     for offset, metrics in enumerate(fetched, start=step - len(fetched) + 1):
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"The loss became {loss} at step {offset}; the last good checkpoint "
-            f"({'step ' + str(last_saved) if last_saved else 'none yet'}) is kept. "
-            "Lower --config.learning_rate or add warm-up (--config.warmup_epochs).")
+        raise self._diverged(f"The loss became {loss} at step {offset}")
       for key, value in (("loss", loss), ("correct", metrics["correct"]),
                          ("correct_top5", metrics.get("correct_top5", 0.0)), ("steps", 1)):
         self.sums[key] += float(value)

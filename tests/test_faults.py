@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from nin_jax import configs, errors, input_pipeline, lineage, train
@@ -84,3 +85,40 @@ def test_an_unknown_config_variant_is_its_own_message(tmp_path):
   assert proc.returncode == 2
   assert err.strip() == ("error: bad flags or config (IllegalFlagValueError): ValueError: Unknown variant "
                          "'nope'; choose caffe or modern.")
+
+
+@needs_fmnist
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  # lr 1e300 (inf in float32): the first update overflows the parameters; step 1's loss is finite.
+  config = small_config(optimizer="sgd", learning_rate=1e300, schedule="constant", num_train_steps=4,
+                        checkpoint_every_steps=1)
+  with pytest.raises(errors.TrainingDiverged, match="non-finite by step 1; no checkpoint was saved yet"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == []
+
+
+@needs_fmnist
+def test_a_diverged_run_lists_its_checkpoints_and_branches_from_an_earlier_one(tmp_path, capsys):
+  workdir = str(tmp_path)
+  base = dict(optimizer="sgd", schedule="constant", checkpoint_every_steps=2, log_every_steps=1)
+  train.train_and_evaluate(small_config(learning_rate=0.02, num_train_steps=6, **base), workdir)
+  with pytest.raises(errors.TrainingDiverged, match=r"at step \d+; the checkpoints are kept, at steps 2, 4, 6 "
+                                                     r".*--config.restore_step=2 .*allow_changes=learning_rate"):
+    train.train_and_evaluate(small_config(learning_rate=1e9, num_train_steps=12, allow_changes="learning_rate",
+                                          **base), workdir)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
+
+  # Branch from step 4 at a lower rate: step 6 of the abandoned segment stays until step 6 is saved anew.
+  result = train.train_and_evaluate(small_config(learning_rate=1e-3, num_train_steps=12, restore_step=4,
+                                                 allow_changes="learning_rate", **base), workdir)
+  out = capsys.readouterr().out
+  assert "branching from step 4 as asked (restore_step): the later checkpoints (steps 6) are kept" in out
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [8, 10, 12]
+  assert np.isfinite(result["eval_loss"])
+  history = [json.loads(line) for line in (tmp_path / lineage.HISTORY_FILE).read_text().splitlines()]
+  assert history[-1] == {"from_step": 4, "branched": True, "changes": {
+      "learning_rate": {"from": 1e9, "to": 1e-3}}}
+  # The same command again resumes the branch (step 12: done), it does not branch again.
+  train.train_and_evaluate(small_config(learning_rate=1e-3, num_train_steps=12, restore_step=4,
+                                        allow_changes="learning_rate", **base), workdir)
+  assert "nothing left to train" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from nin_jax import checkpointing, datasets, errors, input_pipeline, train
+from nin_jax import checkpointing, datasets, errors, input_pipeline, job as job_lib, train
 from tests.helpers import (cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
                            small_config, without_timing, write_config_file)
 
@@ -169,7 +169,7 @@ def test_tfds_pipelines_train_end_to_end_on_mock_data(tmp_path, dataset, model, 
                                   checkpoint_every_steps=100), **extra})
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.train_and_evaluate(config, str(tmp_path))
-    job = train.make_job(config, str(tmp_path), None)
+    job = job_lib.make_job(config, str(tmp_path), None)
     batches = list(job.data.eval_batches())
   records = read_metrics(tmp_path)
   assert [r["step"] for r in records if "train_loss" in r] == [2, 3]
