@@ -16,6 +16,7 @@ collective (`preemption.py`). Every device-to-host transfer happens inside
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -28,8 +29,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, optim, preemption, reporting,
-                     train_metrics)
+from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, lock, optim, preemption,
+                     reporting, train_metrics, workdir as workdir_lib)
 from nin_jax.errors import Interrupted
 
 
@@ -239,6 +240,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluation metrics. Raises a `UserError` subclass for anything the user can fix.
   `devices` (default: all devices of all hosts) form the `data` mesh axis.
   """
+  path = workdir_lib.prepare(workdir)
+  # One writer per workdir: the run's first host holds the lock for all of its hosts.
+  with lock.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _run(config, path, devices)
+
+
+def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float]:
   job = job_lib.make_job(config, workdir, devices)
   is_main = jax.process_index() == 0
   reporter = reporting.Reporter(job.workdir, total_steps=job.num_steps, enabled=is_main)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
 
-from nin_jax import configs, errors, input_pipeline, lineage, train
-from tests.helpers import needs_fmnist, read_metrics, run_main, small_config
+from nin_jax import configs, errors, input_pipeline, lineage, lock, train
+from tests.helpers import needs_fmnist, read_metrics, run_main, small_config, write_config_file
 
 
 def snapshot(workdir) -> dict[str, bytes]:
@@ -88,6 +90,7 @@ def test_an_unknown_config_variant_is_its_own_message(tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_non_finite_state_is_never_saved(tmp_path):
   # lr 1e300 (inf in float32): the first update overflows the parameters; step 1's loss is finite.
   config = small_config(optimizer="sgd", learning_rate=1e300, schedule="constant", num_train_steps=4,
@@ -122,3 +125,29 @@ def test_a_diverged_run_lists_its_checkpoints_and_branches_from_an_earlier_one(t
   train.train_and_evaluate(small_config(learning_rate=1e-3, num_train_steps=12, restore_step=4,
                                         allow_changes="learning_rate", **base), workdir)
   assert "nothing left to train" in capsys.readouterr().out
+
+
+@needs_fmnist
+def test_one_writer_per_workdir(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = small_config(num_train_steps=400, log_every_steps=5, checkpoint_every_steps=50)
+  first = run_main(["--config", write_config_file(tmp_path, config), "--workdir", workdir])
+  for line in first.stdout:
+    if line.startswith("step 10/400"):
+      break
+  before = read_metrics(workdir)
+  start = time.perf_counter()
+  with pytest.raises(lock.WorkdirInUse, match=rf"{workdir} is in use by process {first.pid} on "
+                                              rf"{socket.gethostname()} .*wait for it to finish or stop it"):
+    train.train_and_evaluate(config, workdir)
+  assert time.perf_counter() - start < 5
+  assert read_metrics(workdir)[:len(before)] == before
+
+  # A crashed holder (kill -9 leaves its lock behind) does not lock the workdir forever.
+  first.kill()
+  first.communicate()
+  assert json.loads((tmp_path / "run" / lock.LOCK_FILE).read_text())["pid"] == first.pid
+  result = train.train_and_evaluate(small_config(num_train_steps=50, log_every_steps=5, checkpoint_every_steps=50),
+                                    workdir)
+  assert result["eval_examples"] == 300
+  assert not (tmp_path / "run" / lock.LOCK_FILE).exists()  # Released at the end.
