@@ -9,6 +9,10 @@ previous one. `load_model` gives notebooks and tests a trained model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -16,7 +20,7 @@ from etils import epath
 from flax import nnx
 
 from nin_jax import models, workdir as workdir_lib
-from nin_jax.errors import ConfigError, DataError, TrainingDiverged
+from nin_jax.errors import ConfigError, DataError, SaveFailed, TrainingDiverged
 
 
 def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
@@ -33,11 +37,72 @@ def save(manager: ocp.CheckpointManager, step: int, state, host_state: dict) -> 
   a branch abandoned with `restore_step`: this run's checkpoint replaces them, so that
   the latest checkpoint is always this run's.
   """
-  for stale in sorted(s for s in manager.all_steps() if s >= step):
-    manager.delete(stale)
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
-  manager.wait_until_finished()
+  try:
+    with _logs_held_until_success():
+      for stale in sorted(s for s in manager.all_steps() if s >= step):
+        manager.delete(stale)
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+      manager.wait_until_finished()
+  except Exception as e:  # Orbax wraps OS errors in many types; the reason is in the text.
+    _remove_partial(manager, step)
+    kept = sorted(s for s in manager.all_steps() if s < step)
+    raise SaveFailed(
+        f"Could not save the checkpoint at step {step} in {manager.directory} ({_reason(e)}); the checkpoints "
+        f"at steps {', '.join(map(str, kept)) or '(none yet)'} are intact. Free space or make it writable, "
+        "then run the same command to resume.") from e
+
+
+@contextlib.contextmanager
+def _logs_held_until_success():
+  """Holds Orbax's (absl) and asyncio's log records during a save and lets them out if it
+  succeeds. A failed save makes every worker thread log its traceback (~450 lines for a
+  full disk), and its threads go on failing while the run closes: after a failure the
+  records stay held, and the one-line SaveFailed says what they would."""
+  held: list[logging.LogRecord] = []
+  hold = logging.Filter()
+  hold.filter = lambda record: held.append(record) and False  # Keep the record, emit nothing.
+  loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
+  for logger in loggers:
+    logger.addFilter(hold)
+  unraisable, hook = [], sys.unraisablehook  # Errors in TensorStore's callbacks land here.
+  sys.unraisablehook = unraisable.append
+  yield  # On an exception, everything stays held: the run is over.
+  for logger in loggers:
+    logger.removeFilter(hold)
+  sys.unraisablehook = hook
+  for record in held:  # Only reached after a successful save.
+    logging.getLogger(record.name).handle(record)
+  for item in unraisable:
+    hook(item)
+
+
+_OS_REASONS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
+
+
+def _reason(error: BaseException) -> str:
+  """The OS's reason for a failed save, found anywhere in Orbax's chain of wrapped errors."""
+  chain, seen = [error], set()
+  while chain:
+    e = chain.pop()
+    if id(e) in seen:
+      continue
+    seen.add(id(e))
+    for reason in _OS_REASONS:
+      if reason in str(e):
+        return reason
+    chain += [x for x in (e.__cause__, e.__context__) if x is not None]
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def _remove_partial(manager: ocp.CheckpointManager, step: int) -> None:
+  """Deletes the uncommitted temporary directory of a failed save: it holds nothing
+  restorable and, on a full disk, the space the user needs back."""
+  for partial in manager.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+    try:
+      partial.rmtree()
+    except OSError:
+      pass  # Read-only storage: Orbax ignores an uncommitted directory anyway.
 
 
 def _leaf_shapes(tree) -> list[tuple]:
@@ -46,7 +111,13 @@ def _leaf_shapes(tree) -> list[tuple]:
 
 
 def _saved_state_metadata(manager: ocp.CheckpointManager, step: int):
-  return ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # Orbax warns that a file of the (complete) step is absent.
+  try:
+    return ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+  finally:
+    absl_logger.setLevel(level)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, warn=print, wanted: int | None = None):

@@ -21,6 +21,13 @@ class TrainingDiverged(UserError):
   exit_code = 3
 
 
+class SaveFailed(UserError):
+  """A checkpoint could not be written (full disk, read-only or vanished storage); the
+  earlier checkpoints are intact."""
+
+  exit_code = 4
+
+
 class Interrupted(UserError):
   """SIGTERM or SIGINT arrived; a checkpoint was saved before stopping."""
 

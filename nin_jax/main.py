@@ -55,8 +55,23 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.SaveFailed as e:
+    _fail_now(str(e), e.exit_code)
   except errors.UserError as e:
     _fail(str(e), e.exit_code)
+
+
+def _fail_now(message: str, code: int) -> None:
+  """After a failed save, Orbax leaves failed coroutines (printed as tracebacks when
+  they are collected) and non-daemon threads that wait ~300 s for peers at exit. The
+  run has flushed its logs and kept its checkpoints: say why, and leave at once."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  for name in ("absl", "asyncio"):  # Orbax's threads may still be logging the failure.
+    std_logging.getLogger(name).setLevel(std_logging.CRITICAL + 1)
+  sys.unraisablehook = lambda unraisable: None
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def run() -> None:

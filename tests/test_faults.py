@@ -2,14 +2,18 @@
 
 import json
 import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from nin_jax import configs, errors, input_pipeline, lineage, lock, train
-from tests.helpers import needs_fmnist, read_metrics, run_main, small_config, write_config_file
+from tests.helpers import ROOT, needs_fmnist, read_metrics, run_main, small_config, write_config_file
 
 
 def snapshot(workdir) -> dict[str, bytes]:
@@ -151,3 +155,60 @@ def test_one_writer_per_workdir(tmp_path):
                                     workdir)
   assert result["eval_examples"] == 300
   assert not (tmp_path / "run" / lock.LOCK_FILE).exists()  # Released at the end.
+
+
+def _can_mount() -> bool:
+  probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                         capture_output=True, check=False)
+  return probe.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not shutil.which("unshare") or not _can_mount(),
+                                 reason="needs root and `unshare -m` to mount a tmpfs or a read-only bind")
+
+
+def _run_in_mount_namespace(tmp_path, mounts: str, config) -> tuple[subprocess.CompletedProcess, float]:
+  """The CLI in a private mount namespace set up by `mounts` (shell), so the fault is a real one."""
+  command = (f"{mounts} && exec {shlex.quote(sys.executable)} -m nin_jax.main --nofast_cpu_dot "
+             f"--config {shlex.quote(write_config_file(tmp_path / 'cfg', config))} --workdir {tmp_path / 'run'}")
+  start = time.perf_counter()
+  proc = subprocess.run(["unshare", "-m", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  return proc, time.perf_counter() - start
+
+
+def _assert_failed_save_ends_cleanly(proc: subprocess.CompletedProcess, seconds: float, reason: str) -> None:
+  assert proc.returncode == 4, proc.stderr[-3000:]
+  assert seconds < 30
+  assert "Traceback" not in proc.stderr
+  errors_printed = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors_printed) == 1, proc.stderr[-3000:]
+  assert errors_printed[0].startswith("error: Could not save the checkpoint at step 8 in ")
+  assert errors_printed[0].endswith(f"/run/checkpoints ({reason}); the checkpoints at steps 4 are intact. Free "
+                                    "space or make it writable, then run the same command to resume.")
+
+
+@needs_fmnist
+@needs_mount
+def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoints(tmp_path):
+  # 7 MB hold one checkpoint of nin_mnist with Adam (4.2 MB), not two.
+  (tmp_path / "run").mkdir()
+  config = small_config(num_train_steps=12, checkpoint_every_steps=4, keep_checkpoints=5)
+  proc, seconds = _run_in_mount_namespace(
+      tmp_path, f"mount -t tmpfs -o size=7m tmpfs {tmp_path / 'run'}", config)
+  _assert_failed_save_ends_cleanly(proc, seconds, "No space left on device")
+
+
+@needs_fmnist
+@needs_mount
+def test_a_read_only_checkpoint_directory_ends_in_one_line_and_resumes_later(tmp_path):
+  config = small_config(num_train_steps=4, checkpoint_every_steps=4)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  checkpoints = tmp_path / "run" / "checkpoints"
+  config.num_train_steps = 12
+  proc, seconds = _run_in_mount_namespace(
+      tmp_path, f"mount --bind {checkpoints} {checkpoints} && mount -o remount,ro,bind {checkpoints}", config)
+  _assert_failed_save_ends_cleanly(proc, seconds, "Read-only file system")
+  assert sorted(os.listdir(checkpoints)) == ["4"]
+  assert train.train_and_evaluate(config, str(tmp_path / "run"))["eval_examples"] == 300  # Writable again.
+  assert sorted(os.listdir(checkpoints)) == ["12", "4", "8"]
