@@ -21,6 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # TFDS data_dir ("" = TFDS default).
   c.manual_dir = ""  # ImageNet tar files ("" = <data_dir>/downloads/manual).
   c.download = True  # Let TFDS download small data sets that are not prepared.
+  c.idx_dir = ""  # MNIST / Fashion-MNIST as IDX files from this directory ("" = Debian's, else TFDS).
   c.preprocess = "standardize"  # input_pipeline.PREPROCESSES; ImageNet: imagenet.PREPROCESSES
   c.augment = "none"  # input_pipeline.AUGMENTS; ImageNet: imagenet.AUGMENTS
   c.image_size = 0  # 0 = the data set's native size (224 for ImageNet).

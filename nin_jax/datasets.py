@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -41,6 +42,7 @@ DATASETS = {
 }
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+IDX_DATASETS = ("mnist", "fashion_mnist")  # Distributed as IDX files (--config.idx_dir).
 
 
 @dataclasses.dataclass
@@ -59,26 +61,51 @@ def get_info(name: str) -> DatasetInfo:
   return DATASETS[name]
 
 
+_IDX_FIX = ("reinstall the data set (Debian: apt-get install --reinstall dataset-fashion-mnist) or point "
+            "--config.idx_dir at a directory holding the four IDX files")
+
+
 def read_idx(path: str) -> np.ndarray:
-  """Reads a (gzipped) IDX file, the format of the original MNIST-style distributions."""
+  """Reads a (gzipped) IDX file, the format of the original MNIST-style distributions.
+
+  Every way such a file can be damaged (missing, empty, not gzip, cut short) is a
+  DataError naming the file, never a traceback from gzip or numpy.
+  """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError as e:
+    raise DataError(f"{path} is missing; {_IDX_FIX}.") from e
+  except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+    raise DataError(f"{path} is damaged ({type(e).__name__}: {e}); {_IDX_FIX}.") from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise DataError(f"{path} is not an IDX file of unsigned bytes; reinstall the data set.")
+    raise DataError(f"{path} is not an IDX file of unsigned bytes ({len(data)} bytes); {_IDX_FIX}.")
   ndim = data[3]
   shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  array = np.frombuffer(data, np.uint8, offset=min(4 + 4 * ndim, len(data)))
   if array.size != int(np.prod(shape)):
-    raise DataError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); "
-                    "reinstall the data set.")
+    raise DataError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); {_IDX_FIX}.")
   return array.reshape(shape)
 
 
-def _load_idx_dir(directory: str) -> ArraySplits:
+def _idx_file(directory: str, stem: str) -> str:
+  """`stem` in `directory`, gzipped or not."""
+  plain = os.path.join(directory, stem)
+  return plain if os.path.exists(plain) and not os.path.exists(plain + ".gz") else plain + ".gz"
+
+
+def load_idx_dir(directory: str) -> ArraySplits:
+  """The four files of an MNIST-style IDX distribution (train/t10k, images/labels)."""
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory} is not a directory; point --config.idx_dir at the one holding the four "
+                    "IDX files (train-images-idx3-ubyte[.gz], ...).")
+
   def load(prefix):
-    images = read_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"))
+    images = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(directory, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+      raise DataError(f"{directory} holds {len(images)} {prefix} images but {len(labels)} labels; {_IDX_FIX}.")
     return images[..., None], labels.astype(np.int32)
 
   train_x, train_y = load("train")
@@ -121,17 +148,23 @@ def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> Array
   return ArraySplits(*splits, source=f"tfds:{info.tfds_name}")
 
 
-def load_arrays(name: str, *, data_dir: str | None = None, download: bool = True) -> ArraySplits:
+def load_arrays(name: str, *, data_dir: str | None = None, download: bool = True,
+                idx_dir: str | None = None) -> ArraySplits:
   """The whole train and eval splits of a small data set, as uint8 NHWC arrays.
 
-  Fashion-MNIST comes from Debian's `dataset-fashion-mnist` files when they are
-  installed (offline, 0.2 s), otherwise from TFDS.
+  `idx_dir` (MNIST and Fashion-MNIST) reads the original IDX files from a directory.
+  Fashion-MNIST otherwise comes from Debian's `dataset-fashion-mnist` files when they
+  are installed (offline, 0.2 s), else from TFDS.
   """
   info = get_info(name)
   if not info.in_memory or name == "synthetic":
     raise ValueError(f"{name} is not an in-memory data set.")
+  if idx_dir:
+    if name not in IDX_DATASETS:
+      raise DataError(f"idx_dir applies to {' and '.join(IDX_DATASETS)}, not {name}; leave it empty.")
+    return load_idx_dir(idx_dir)
   if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST) and data_dir is None:
-    return _load_idx_dir(DEBIAN_FASHION_MNIST)
+    return load_idx_dir(DEBIAN_FASHION_MNIST)
   try:
     return _load_tfds(info, data_dir, download)
   except DataError as e:

@@ -222,7 +222,8 @@ def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train
 
 
 def _in_memory_data(config, process_index: int, process_count: int) -> Data:
-  arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download)
+  arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
+                               idx_dir=config.idx_dir or None)
   train_x, train_y = arrays.train_images, arrays.train_labels
   eval_x, eval_y = arrays.eval_images, arrays.eval_labels
   if config.train_examples > 0:

@@ -29,7 +29,7 @@ SAFE_TO_CHANGE = frozenset({
     "num_train_steps", "num_epochs",  # Longer or shorter; a cosine schedule re-stretches (said).
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_batch_size", "eval_examples", "stuck_loss_steps",  # What is reported, not what is trained.
-    "data_dir", "manual_dir", "download",  # Where the same data comes from.
+    "data_dir", "manual_dir", "download", "idx_dir",  # Where the same data comes from.
 })
 _NOT_RECORDED = frozenset({"allow_changes", "restore_step"})  # Instructions for one rerun.
 

@@ -1,7 +1,9 @@
 """Faults and bad input lose nothing: each test makes the fault for real."""
 
+import gzip
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -12,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nin_jax import configs, errors, input_pipeline, lineage, lock, train
+from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train
 from tests.helpers import ROOT, needs_fmnist, read_metrics, run_main, small_config, write_config_file
 
 
@@ -212,3 +214,55 @@ def test_a_read_only_checkpoint_directory_ends_in_one_line_and_resumes_later(tmp
   assert sorted(os.listdir(checkpoints)) == ["4"]
   assert train.train_and_evaluate(config, str(tmp_path / "run"))["eval_examples"] == 300  # Writable again.
   assert sorted(os.listdir(checkpoints)) == ["12", "4", "8"]
+
+
+def _idx_copy(tmp_path) -> str:
+  """Debian's four Fashion-MNIST files, copied so that a test can damage one."""
+  directory = tmp_path / "idx"
+  shutil.copytree(datasets.DEBIAN_FASHION_MNIST, directory)
+  return str(directory)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("damage,message", [
+    (lambda data: data[:len(data) // 2], r"is damaged \(EOFError: Compressed file ended before"),
+    (lambda data: b"this is not gzip at all", r"is damaged \(BadGzipFile: Not a gzipped file"),
+    (lambda data: b"", r"is not an IDX file of unsigned bytes \(0 bytes\)"),
+    (None, "is missing"),
+])
+def test_a_damaged_idx_file_is_one_line_naming_it(tmp_path, damage, message):
+  directory = _idx_copy(tmp_path)
+  victim = os.path.join(directory, "t10k-labels-idx1-ubyte.gz")
+  if damage is None:
+    os.remove(victim)
+  else:
+    with open(victim, "rb") as f:
+      data = f.read()
+    with open(victim, "wb") as f:
+      f.write(damage(data))
+  with pytest.raises(errors.DataError, match=re.escape(victim) + " " + message + r".*--config.idx_dir"):
+    datasets.load_arrays("fashion_mnist", idx_dir=directory)
+
+
+@needs_fmnist
+def test_idx_dir_reads_plain_or_gzipped_files_and_the_cli_reports_damage_in_one_line(tmp_path):
+  directory = _idx_copy(tmp_path)
+  for name in os.listdir(directory):  # Uncompressed copies of the same data.
+    path = os.path.join(directory, name)
+    with gzip.open(path, "rb") as f, open(path[:-3], "wb") as out:
+      out.write(f.read())
+    os.remove(path)
+  plain, debian = datasets.load_arrays("fashion_mnist", idx_dir=directory), datasets.load_arrays("fashion_mnist")
+  np.testing.assert_array_equal(plain.train_images, debian.train_images)
+  np.testing.assert_array_equal(plain.eval_labels, debian.eval_labels)
+
+  with open(os.path.join(directory, "train-images-idx3-ubyte"), "r+b") as f:
+    f.truncate(1000)
+  proc = run_main(["--config", "experiments/nin_fashion_mnist.py", f"--config.idx_dir={directory}",
+                   "--workdir", str(tmp_path / "w")])
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in err
+  assert err.strip().splitlines() == [
+      f"error: {directory}/train-images-idx3-ubyte is truncated (984 of 47040000 values); reinstall the data "
+      "set (Debian: apt-get install --reinstall dataset-fashion-mnist) or point --config.idx_dir at a "
+      "directory holding the four IDX files."]
