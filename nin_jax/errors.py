@@ -16,7 +16,7 @@ class DataError(UserError):
 
 
 class TrainingDiverged(UserError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the state became NaN or infinite; only finite checkpoints were saved."""
 
   exit_code = 3
 
