@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train
+from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train, workdir
 from tests.helpers import ROOT, needs_fmnist, read_metrics, run_main, small_config, write_config_file
 
 
@@ -266,3 +266,18 @@ def test_idx_dir_reads_plain_or_gzipped_files_and_the_cli_reports_damage_in_one_
       f"error: {directory}/train-images-idx3-ubyte is truncated (984 of 47040000 values); reinstall the data "
       "set (Debian: apt-get install --reinstall dataset-fashion-mnist) or point --config.idx_dir at a "
       "directory holding the four IDX files."]
+
+
+def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
+  path = workdir.resolve(tmp_path)
+  holder = {"host": "tpu-worker-7", "pid": 4242, "token": "t", "since": time.time() - 3600}
+  (tmp_path / lock.LOCK_FILE).write_text(json.dumps({**holder, "heartbeat": time.time() - 10}))
+  with pytest.raises(lock.WorkdirInUse, match="in use by process 4242 on tpu-worker-7 .*alive 10 s ago"):
+    with lock.WorkdirLock(path):
+      pass
+  (tmp_path / lock.LOCK_FILE).write_text(json.dumps({**holder, "heartbeat": time.time() - lock.STALE_SECONDS - 5}))
+  said = []
+  with lock.WorkdirLock(path, say=said.append):
+    assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert said and said[0].startswith("warning: taking over the stale lock of process 4242 on tpu-worker-7")
+  assert not (tmp_path / lock.LOCK_FILE).exists()

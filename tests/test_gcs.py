@@ -91,4 +91,5 @@ def test_gs_workdir_survives_sigterm_and_resumes_exactly(tmp_path, gcs, uninterr
   assert without_timing(remote) == without_timing(read_metrics(local_dir))  # Both segments.
   final = [r for r in remote if "eval_accuracy" in r][-1]
   assert (final["eval_accuracy"], final["eval_loss"]) == (straight["eval_accuracy"], straight["eval_loss"])
+  assert "run/lock.json" not in names  # Released by both segments, the interrupted one included.
   assert os.listdir(cwd) == []  # Nothing leaked onto the local disk (e.g. a `gs:` directory).
