@@ -21,6 +21,8 @@ tfds = datasets.import_tfds()
 
 CAFFE_RESIZE = 256
 AUGMENTS = ("none", "inception", "caffe")
+UNDECODABLE = "most training images are not JPEG files"
+UNDECODABLE_GRACE = 100  # Skipped images allowed beyond half of those seen.
 PREPROCESSES = ("caffe_mean", "standardize")
 
 
@@ -82,6 +84,27 @@ def eval_example(encoded, *, size: int, preprocess: str) -> tf.Tensor:
   return _normalize(image[offset:offset + size, offset:offset + size], preprocess)
 
 
+def without_undecodable(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """(example, images skipped so far): examples whose bytes are not a JPEG are dropped, and counted.
+
+  A corrupt file would otherwise raise inside tf.data at the same step on every resume.
+  The drop happens before the trainer's `enumerate().skip()`, so positions count only the
+  examples that are trained on and a resumed run repeats the uninterrupted one; the check
+  reads the first bytes only, so a resume skipping millions of examples stays cheap.
+  """
+  def count(state, example):
+    skipped, seen = state
+    is_jpeg = tf.io.is_jpeg(example["image"])
+    skipped, seen = skipped + tf.cast(tf.logical_not(is_jpeg), tf.int64), seen + 1
+    # A stream of nothing but corrupt files would otherwise make the filter below spin forever.
+    check = tf.debugging.assert_less_equal(skipped, seen // 2 + UNDECODABLE_GRACE, message=UNDECODABLE)
+    with tf.control_dependencies([check]):
+      return (tf.identity(skipped), seen), (example, is_jpeg, skipped)
+
+  ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
+  return ds.filter(lambda example, is_jpeg, skipped: is_jpeg).map(lambda example, _, skipped: (example, skipped))
+
+
 def _split_size(builder, split: str) -> int:
   try:
     return builder.info.splits[split].num_examples
@@ -112,14 +135,22 @@ def make_data(config, size: int, process_index: int, process_count: int) -> inpu
     if config.train_examples > 0:
       ds = ds.take(math.ceil(config.train_examples / process_count))
     ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    ds = without_undecodable(ds)
     ds = ds.enumerate().skip(start_step * local_batch)  # Skip before decoding: cheap.
-    ds = ds.map(lambda i, ex: (train_example(
-        ex["image"], tf.stack([tf.cast(config.seed, tf.int64), i]), size=size,
-        augment=config.augment, preprocess=config.preprocess), ex["label"]),
+    ds = ds.map(lambda i, ex_skipped: (train_example(
+        ex_skipped[0]["image"], tf.stack([tf.cast(config.seed, tf.int64), i]), size=size,
+        augment=config.augment, preprocess=config.preprocess), ex_skipped[0]["label"], ex_skipped[1]),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    for images, labels in tfds.as_numpy(ds):
-      yield input_pipeline.Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32))
+    try:
+      for images, labels, skipped in tfds.as_numpy(ds):
+        yield input_pipeline.Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32),
+                                   skipped=int(skipped.max()))
+    except tf.errors.InvalidArgumentError as e:
+      if UNDECODABLE not in str(e):
+        raise
+      raise DataError(f"{UNDECODABLE} in {builder.data_dir}; the prepared data set is damaged: delete that "
+                      "directory and run again to rebuild it from the ILSVRC tar files.") from e
 
   def eval_batches():
     ds = builder.as_dataset(split=eval_splits[process_index], decoders=decoders)

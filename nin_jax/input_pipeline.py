@@ -26,10 +26,12 @@ IMAGENET_STD_RGB = np.array([58.40, 57.12, 57.38], np.float32)
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-  """One host's share of a global batch. `mask` is 0 for eval padding."""
+  """One host's share of a global batch. `mask` is 0 for eval padding; `skipped` counts the
+  undecodable training images this host's stream has dropped so far (ImageNet)."""
   images: np.ndarray
   labels: np.ndarray
   mask: np.ndarray
+  skipped: int = 0
 
 
 @dataclasses.dataclass

@@ -108,6 +108,8 @@ class Reporter:
              f"loss {metrics['train_loss']:.4f}", f"top-1 {100 * metrics['train_accuracy']:.1f}%"]
     if "train_top5_accuracy" in metrics:
       parts.append(f"top-5 {100 * metrics['train_top5_accuracy']:.1f}%")
+    if metrics.get("skipped_images"):
+      parts.append(f"{metrics['skipped_images']} undecodable image(s) skipped")
     parts += [f"lr {metrics['learning_rate']:.2e}", f"{metrics['images_per_sec']:.0f} img/s",
               f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}"]
     self.print(" | ".join(parts))

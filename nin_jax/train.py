@@ -100,10 +100,11 @@ def evaluate(eval_step, params, batches: Iterator[input_pipeline.Batch], put: Ca
 
 
 def prefetch(batches: Iterator[input_pipeline.Batch], put: Callable, size: int = 2):
-  """(images, labels) as global device arrays, `size` batches ahead of the step that uses them."""
+  """(images, labels) as global device arrays, `size` batches ahead of the step that uses
+  them, and the count of undecodable images skipped so far (host side)."""
   queue = collections.deque()
   for batch in batches:
-    queue.append((put(batch.images), put(batch.labels)))
+    queue.append((put(batch.images), put(batch.labels), batch.skipped))
     if len(queue) == size:
       yield queue.popleft()
 
@@ -153,10 +154,12 @@ class Trainer:
                         + f"loss {metrics['eval_loss']:.4f} on {metrics['eval_examples']:,} examples")
     return metrics
 
-  def log(self, step: int, metrics: train_metrics.TrainMetrics, seconds: float, images: int) -> None:
+  def log(self, step: int, metrics: train_metrics.TrainMetrics, seconds: float, images: int,
+          skipped: int) -> None:
     logged = {**metrics.summary(self.job.config.batch_size, self.job.top5),
               "learning_rate": float(self.schedule(step - 1)), "images_per_sec": images / seconds,
-              "epoch": step / self.job.steps_per_epoch}
+              "epoch": step / self.job.steps_per_epoch,
+              **({"skipped_images": skipped} if skipped else {})}  # Undecodable files, this host.
     self.reporter.write(step, logged)
     self.reporter.progress(step, logged, steps_per_second=images / seconds / self.job.config.batch_size)
 
@@ -177,14 +180,15 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: c
   tick, images = time.perf_counter(), 0
   with preemption.StopRequest(reporter.print) as stop:
     for step in range(start_step + 1, job.num_steps + 1):
-      state, step_metrics = trainer.train_step(state, *next(batches))
+      images_on_device, labels_on_device, skipped = next(batches)
+      state, step_metrics = trainer.train_step(state, images_on_device, labels_on_device)
       metrics.pending.append(step_metrics)
       images += c.batch_size
       stopping = stop.requested(step)
       with _host_sync():
         if _due(step, c.log_every_steps, job.num_steps):
           metrics.fetch(step)
-          trainer.log(step, metrics, time.perf_counter() - tick, images)
+          trainer.log(step, metrics, time.perf_counter() - tick, images, skipped)
           tick, images = time.perf_counter(), 0
         if _due(step, c.checkpoint_every_steps, job.num_steps) or stopping:
           metrics.fetch(step)  # A diverged state is never saved...

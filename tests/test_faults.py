@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train, workdir
-from tests.helpers import ROOT, needs_fmnist, read_metrics, run_main, small_config, write_config_file
+from tests.helpers import (ROOT, needs_fmnist, read_metrics, run_main, small_config, without_timing,
+                           write_config_file)
+from tests.imagenet_files import write_ilsvrc_tars
 
 
 def snapshot(workdir) -> dict[str, bytes]:
@@ -281,3 +283,35 @@ def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_pa
     assert json.loads((tmp_path / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
   assert said and said[0].startswith("warning: taking over the stale lock of process 4242 on tpu-worker-7")
   assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_an_undecodable_imagenet_image_is_skipped_counted_and_resumes_exactly(tmp_path):
+  write_ilsvrc_tars(str(tmp_path / "manual"), garbage=("n01443537", 2))
+  imagenet = dict(dataset="imagenet2012", model="nin_imagenet", data_dir=str(tmp_path / "tfds"),
+                  manual_dir=str(tmp_path / "manual"), image_size=64, batch_size=8, eval_batch_size=8,
+                  train_examples=0, eval_examples=0, shuffle_buffer=16, preprocess="caffe_mean", augment="caffe",
+                  optimizer="sgd", schedule="constant", learning_rate=1e-3, log_every_steps=1,
+                  checkpoint_every_steps=100)
+  straight = train.train_and_evaluate(small_config(num_train_steps=4, **imagenet), str(tmp_path / "straight"))
+  assert straight["eval_examples"] == 8
+  logged = [r for r in read_metrics(tmp_path / "straight") if "train_loss" in r]
+  # 11 decodable training images of 12: 4 steps of 8 draw 32 examples, so the garbage is met ~3 times.
+  assert [r.get("skipped_images", 0) for r in logged][-1] >= 2
+
+  train.train_and_evaluate(small_config(num_train_steps=2, **imagenet), str(tmp_path / "resumed"))
+  train.train_and_evaluate(small_config(num_train_steps=4, **imagenet), str(tmp_path / "resumed"))
+  resumed = [r for r in read_metrics(tmp_path / "resumed") if "train_loss" in r]
+  assert without_timing(resumed) == without_timing(logged)
+
+
+def test_a_stream_of_only_corrupt_images_stops_instead_of_spinning():
+  from nin_jax import imagenet
+  import tensorflow as tf
+  jpeg = tf.io.encode_jpeg(tf.zeros((4, 4, 3), tf.uint8)).numpy()
+  mixed = tf.data.Dataset.from_tensor_slices({"image": [jpeg, b"junk", jpeg, b"junk", jpeg]})
+  counts = [int(skipped) for _, skipped in imagenet.without_undecodable(mixed)]
+  assert counts == [0, 1, 2]  # Three images kept; the count of those skipped before each.
+  junk = tf.data.Dataset.from_tensors({"image": b"junk"}).repeat()
+  with pytest.raises(tf.errors.InvalidArgumentError, match=imagenet.UNDECODABLE):
+    for _ in imagenet.without_undecodable(junk).take(1):
+      pass
