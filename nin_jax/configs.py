@@ -69,6 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def allowed_changes(config: ml_collections.ConfigDict) -> set[str]:
+  """The keys named in `allow_changes` (comma-separated)."""
+  return {k.strip() for k in config.allow_changes.split(",") if k.strip()}
+
+
 # (steps key, epochs key) of each duration; `steps` converts any of them.
 DURATIONS = {"train": ("num_train_steps", "num_epochs"), "warmup": ("warmup_steps", "warmup_epochs"),
              "decay": ("decay_steps", "decay_epochs")}
@@ -144,7 +149,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     raise ConfigError(f"learning_rate must be a positive finite number, got {lr!r}.")
   if config.num_train_steps <= 0 and not config.num_epochs > 0:
     raise ConfigError("Set num_epochs > 0 or num_train_steps > 0.")
-  unknown = sorted({k.strip() for k in config.allow_changes.split(",") if k.strip()} - set(default_config().keys()))
+  unknown = sorted(allowed_changes(config) - set(default_config().keys()))
   if unknown:
     raise ConfigError(f"allow_changes names unknown config key(s) {', '.join(unknown)}; name keys of "
                       "nin_jax/configs.py:default_config(), separated by commas.")

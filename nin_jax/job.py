@@ -47,7 +47,7 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
   configs.validate(config, len(devices), jax.process_count())
   # Eval batches are padded and masked anyway, so any size can round up to fit the mesh.
   config.eval_batch_size = -(-config.eval_batch_size // len(devices)) * len(devices)
-  path = workdir_lib.prepare(workdir)
+  path = workdir_lib.resolve(workdir)  # Prepared (created, probed) by the caller, before locking it.
   config_changes = lineage.changes(path, config)  # Refuses another run's workdir, writing nothing.
   model = models.from_config(config)
   data = input_pipeline.make_data(config, image_size=model.image_size, in_channels=model.spec.in_channels,

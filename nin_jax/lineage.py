@@ -21,7 +21,7 @@ import json
 
 from etils import epath
 
-from nin_jax import workdir as workdir_lib
+from nin_jax import configs, workdir as workdir_lib
 from nin_jax.errors import ConfigError
 
 HISTORY_FILE = "config_history.jsonl"
@@ -32,10 +32,6 @@ SAFE_TO_CHANGE = frozenset({
     "data_dir", "manual_dir", "download", "idx_dir",  # Where the same data comes from.
 })
 _NOT_RECORDED = frozenset({"allow_changes", "restore_step"})  # Instructions for one rerun.
-
-
-def allowed_changes(config) -> set[str]:
-  return {k.strip() for k in config.allow_changes.split(",") if k.strip()}
 
 
 def effective_config(path: epath.Path) -> dict | None:
@@ -77,7 +73,7 @@ def changes(path: epath.Path, config) -> dict[str, dict] | None:
   new = _json_value(config.to_dict())
   diffs = {k: {"from": previous.get(k), "to": new.get(k)} for k in sorted(set(previous) | set(new))
            if previous.get(k) != new.get(k) and k not in _NOT_RECORDED}
-  refused = [k for k in diffs if k not in SAFE_TO_CHANGE and k not in allowed_changes(config)]
+  refused = [k for k in diffs if k not in SAFE_TO_CHANGE and k not in configs.allowed_changes(config)]
   if refused:
     listed = "; ".join(f"{k} was {diffs[k]['from']!r}, now {diffs[k]['to']!r}" for k in refused)
     raise ConfigError(

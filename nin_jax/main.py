@@ -62,13 +62,9 @@ def main(argv: list[str]) -> None:
 
 
 def _fail_now(message: str, code: int) -> None:
-  """After a failed save, Orbax leaves failed coroutines (printed as tracebacks when
-  they are collected) and non-daemon threads that wait ~300 s for peers at exit. The
-  run has flushed its logs and kept its checkpoints: say why, and leave at once."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  for name in ("absl", "asyncio"):  # Orbax's threads may still be logging the failure.
-    std_logging.getLogger(name).setLevel(std_logging.CRITICAL + 1)
-  sys.unraisablehook = lambda unraisable: None
+  """After a failed save, Orbax leaves non-daemon threads that wait ~300 s for peers at
+  exit (their log output stays held by `checkpointing.save`). The run has flushed its
+  logs and kept its checkpoints: say why, and leave at once."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(code)  # pylint: disable=protected-access

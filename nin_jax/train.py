@@ -109,7 +109,7 @@ def prefetch(batches: Iterator[input_pipeline.Batch], put: Callable, size: int =
       yield queue.popleft()
 
 
-# ----------------------------------------------------------------------------- the job
+# ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
