@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import socket
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -128,8 +130,33 @@ def import_tfds():
   return tfds
 
 
+def _unreachable_hosts(urls, timeout: float = 5.0) -> dict[str, str]:
+  """The hosts of `urls` that no connection reaches, with the reason."""
+  unreachable = {}
+  for host in sorted({urllib.parse.urlsplit(url).hostname for url in urls}):
+    try:
+      socket.create_connection((host, 443), timeout).close()
+    except OSError as e:
+      unreachable[host] = str(e) or type(e).__name__
+  return unreachable
+
+
+def _check_downloadable(builder) -> None:
+  """Fails within seconds where TFDS's downloader would retry for 3.5 minutes: a data set
+  that is not prepared and whose download hosts cannot be reached (offline machines)."""
+  unreachable = _unreachable_hosts(builder.url_infos or {})
+  if unreachable:
+    hosts = "; ".join(f"{host}: {reason}" for host, reason in unreachable.items())
+    raise DataError(f"TFDS {builder.name!r} is not prepared in {builder.data_dir} and cannot be downloaded from "
+                    f"here ({hosts}); prepare it with `tfds build {builder.name}` on a machine with internet "
+                    "access and point --config.data_dir at its directory.")
+
+
 def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> ArraySplits:
   tfds = import_tfds()
+  builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+  if download and not builder.is_prepared():
+    _check_downloadable(builder)
 
   splits = []
   for split in (info.train_split, info.eval_split):

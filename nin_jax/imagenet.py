@@ -9,12 +9,11 @@ before decoding them.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
 
-from nin_jax import datasets, input_pipeline
+from nin_jax import datasets, imagenet_prepare, input_pipeline
 from nin_jax.errors import DataError
 
 tfds = datasets.import_tfds()
@@ -24,22 +23,6 @@ AUGMENTS = ("none", "inception", "caffe")
 UNDECODABLE = "most training images are not JPEG files"
 UNDECODABLE_GRACE = 100  # Skipped images allowed beyond half of those seen.
 PREPROCESSES = ("caffe_mean", "standardize")
-
-
-def _builder(config) -> tfds.core.DatasetBuilder:
-  builder = tfds.builder("imagenet2012", data_dir=config.data_dir or None)
-  if builder.info.splits.total_num_examples == 0 or not tf.io.gfile.exists(builder.data_dir):
-    # Paths as TFDS takes them: local or gs://, never made absolute here.
-    manual_dir = config.manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except Exception as e:  # TFDS reports missing manual files as AssertionError and others.
-      raise DataError(
-          f"ImageNet is not prepared and could not be built from {manual_dir} ({type(e).__name__}); "
-          "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org, put "
-          "both in that directory (or set --config.manual_dir), and run again.") from e
-  return builder
 
 
 def _normalize(image: tf.Tensor, method: str) -> tf.Tensor:
@@ -105,26 +88,18 @@ def without_undecodable(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.filter(lambda example, is_jpeg, skipped: is_jpeg).map(lambda example, _, skipped: (example, skipped))
 
 
-def _split_size(builder, split: str) -> int:
-  try:
-    return builder.info.splits[split].num_examples
-  except KeyError as e:
-    raise DataError(f"TFDS knows no size for imagenet2012 {split!r}; set --config.train_examples "
-                    "and --config.eval_examples.") from e
-
-
 def make_data(config, size: int, process_index: int, process_count: int) -> input_pipeline.Data:
   """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
   info = datasets.get_info("imagenet2012")
-  builder = _builder(config)
+  builder = imagenet_prepare.prepared_builder(config.data_dir, config.manual_dir)
   local_batch = config.batch_size // process_count
   train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
   eval_splits = tfds.even_splits(info.eval_split, n=process_count)
-  num_train = config.train_examples or _split_size(builder, info.train_split)
+  num_train = config.train_examples or builder.info.splits[info.train_split].num_examples
   if config.eval_examples > 0:  # At most N/hosts of each host's share (mock data, quick checks).
     eval_counts = [math.ceil(config.eval_examples / process_count)] * process_count
   else:
-    eval_counts = [_split_size(builder, s) for s in eval_splits]
+    eval_counts = [builder.info.splits[s].num_examples for s in eval_splits]
   local_eval_batch = config.eval_batch_size // process_count
   num_eval_batches = max(math.ceil(c / local_eval_batch) for c in eval_counts)
   decoders = {"image": tfds.decode.SkipDecoding()}

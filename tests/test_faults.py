@@ -1,6 +1,7 @@
 """Faults and bad input lose nothing: each test makes the fault for real."""
 
 import gzip
+import io
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -315,3 +317,81 @@ def test_a_stream_of_only_corrupt_images_stops_instead_of_spinning():
   with pytest.raises(tf.errors.InvalidArgumentError, match=imagenet.UNDECODABLE):
     for _ in imagenet.without_undecodable(junk).take(1):
       pass
+
+
+def _cut_val_tar_mid_file(manual, data_dir):
+  path = manual / "ILSVRC2012_img_val.tar"
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2 + 100)  # Inside a JPEG's bytes.
+
+
+def _only_the_val_tar(manual, data_dir):
+  os.remove(manual / "ILSVRC2012_img_train.tar")
+
+
+def _prepared_from_only_the_val_tar(manual, data_dir):
+  """What `tfds build imagenet2012` makes of a manual dir that holds only the validation tar."""
+  _only_the_val_tar(manual, data_dir)
+  tfds = datasets.import_tfds()
+  tfds.builder("imagenet2012", data_dir=str(data_dir)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+
+
+def _damaged_synset_tar(manual, data_dir):
+  """A complete outer tar whose first synset tar is garbage: only TFDS finds this one."""
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as tar:
+    info = tarfile.TarInfo("n01440764.tar")
+    info.size = 3000
+    tar.addfile(info, io.BytesIO(b"\x17" * 3000))
+
+
+@pytest.mark.parametrize("fault,message", [
+    (_cut_val_tar_mid_file, "error: ImageNet is not prepared and cannot be built from {manual}: "
+     "ILSVRC2012_img_val.tar is truncated ({val_size:,} of image-net.org's 6,744,924,160 bytes, without the "
+     "end-of-archive marker a complete tar ends with). Download the named file(s) from image-net.org into that "
+     "directory (or set --config.manual_dir), then run again."),
+    (_only_the_val_tar, "error: ImageNet is not prepared and cannot be built from {manual}: "
+     "ILSVRC2012_img_train.tar is missing (image-net.org's file is 147,897,477,120 bytes). Download"),
+    (_prepared_from_only_the_val_tar, "error: The prepared imagenet2012 in {prepared} has no train split (it "
+     "was built while ILSVRC2012_img_train.tar was missing from the manual directory): delete {prepared}, put "
+     "both tars in the manual directory, and run again to rebuild it."),
+    (_damaged_synset_tar, "error: TFDS could not build imagenet2012 from {manual}: ILSVRC2012_img_train.tar "
+     "(its member n01440764.tar) is damaged (ReadError: invalid header); compare its size and SHA-256"),
+], ids=["val_tar_cut_mid_file", "only_the_val_tar", "prepared_from_only_the_val_tar", "damaged_synset_tar"])
+def test_imagenet_preparation_faults_name_the_file_in_one_line(tmp_path, fault, message):
+  manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+  write_ilsvrc_tars(str(manual), per_synset=2, num_val=4)
+  fault(manual, data_dir)
+  tars_before = snapshot(manual)
+  proc = run_main(["--config", "experiments/nin_imagenet.py", "--workdir", str(tmp_path / "run"),
+                   f"--config.data_dir={data_dir}", f"--config.manual_dir={manual}", "--config.image_size=64",
+                   "--config.batch_size=8", "--config.eval_batch_size=8"])
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+  error_lines = [line for line in err.splitlines() if "error:" in line]
+  prepared = data_dir / "imagenet2012" / "5.1.0"
+  expected = message.format(manual=manual, prepared=prepared, val_size=len(tars_before["ILSVRC2012_img_val.tar"]))
+  assert len(error_lines) == 1 and expected in error_lines[0], err[-3000:]
+  assert snapshot(manual) == tars_before  # The user's files are never touched,
+  assert prepared.exists() == (fault is _prepared_from_only_the_val_tar)  # nor a prepared set deleted.
+
+
+def _can_unshare_network() -> bool:
+  return shutil.which("unshare") is not None and subprocess.run(
+      ["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="needs root and `unshare -n` for a machine without network")
+def test_offline_a_missing_data_set_is_reported_within_seconds(tmp_path):
+  """In a network namespace of its own nothing leaves the machine; TFDS alone retried for 3.5 minutes."""
+  start = time.perf_counter()
+  proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "nin_jax.main", "--config",
+                         "experiments/nin_cifar10.py", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
+                         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert seconds < 30
+  assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+      f"error: TFDS 'cifar10' is not prepared in {tmp_path}/tfds/cifar10/3.0.2 and cannot be downloaded from here "
+      "(www.cs.toronto.edu: [Errno -3] Temporary failure in name resolution); prepare it with `tfds build "
+      "cifar10` on a machine with internet access and point --config.data_dir at its directory."]

@@ -1,5 +1,6 @@
 """End-to-end training on real Fashion-MNIST subsets: sharding, resume, eval, guard rails."""
 
+import contextlib
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 from nin_jax import checkpointing, datasets, errors, input_pipeline, job as job_lib, train
 from tests.helpers import (cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
                            small_config, without_timing, write_config_file)
+from tests.imagenet_files import write_ilsvrc_tars
 
 
 @needs_fmnist
@@ -158,27 +160,35 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, mess
 @pytest.mark.parametrize("dataset,model,extra", [
     ("cifar10", "nin_cifar10", dict(preprocess="gcn_zca", augment="crop_flip")),
     ("svhn", "nin_svhn", dict(preprocess="lcn")),
-    ("imagenet2012", "nin_imagenet", dict(image_size=64, preprocess="caffe_mean", augment="caffe",
-                                          train_examples=40, shuffle_buffer=64)),
-    ("imagenet2012", "nin_imagenet", dict(image_size=64, augment="inception", train_examples=40,
-                                          dtype="bfloat16", shuffle_buffer=64)),
+    ("imagenet2012", "nin_imagenet", dict(image_size=64, preprocess="caffe_mean", augment="caffe")),
+    ("imagenet2012", "nin_imagenet", dict(image_size=64, augment="inception", dtype="bfloat16")),
 ])
-def test_tfds_pipelines_train_end_to_end_on_mock_data(tmp_path, dataset, model, extra):
+def test_tfds_pipelines_train_end_to_end(tmp_path, dataset, model, extra):
+  """CIFAR and SVHN on TFDS mock data; ImageNet prepared by TFDS from ILSVRC tars of real JPEGs."""
+  if dataset == "imagenet2012":
+    write_ilsvrc_tars(str(tmp_path / "manual"), per_synset=10, num_val=20)
+    data = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"), eval_examples=0,
+                shuffle_buffer=32)
+    source = contextlib.nullcontext()
+  else:  # Mock data needs no download; with download=True an offline machine would refuse to.
+    data = dict(download=False, eval_examples=20)
+    source = tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE)
   config = small_config(**{**dict(dataset=dataset, model=model, batch_size=8, eval_batch_size=8,
-                                  train_examples=0, eval_examples=20, num_train_steps=3,
-                                  checkpoint_every_steps=100), **extra})
-  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-    result = train.train_and_evaluate(config, str(tmp_path))
-    job = job_lib.make_job(config, str(tmp_path), None)
+                                  train_examples=0, num_train_steps=3, checkpoint_every_steps=100),
+                           **data, **extra})
+  workdir = tmp_path / "run"
+  with source:
+    result = train.train_and_evaluate(config, str(workdir))
+    job = job_lib.make_job(config, str(workdir), None)
     batches = list(job.data.eval_batches())
-  records = read_metrics(tmp_path)
+  records = read_metrics(workdir)
   assert [r["step"] for r in records if "train_loss" in r] == [2, 3]
   assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
   # The pipeline's eval numbers are the trained model's, recomputed here example by example.
   images = np.concatenate([b.images[b.mask == 1] for b in batches])
   labels = np.concatenate([b.labels[b.mask == 1] for b in batches])
   assert result["eval_examples"] == len(labels) == 20
-  logits = predict(checkpointing.load_model(str(tmp_path), config)[0], images)
+  logits = predict(checkpointing.load_model(str(workdir), config)[0], images)
   assert result["eval_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-9)
   losses = -jax.nn.log_softmax(logits)[np.arange(20), labels]
   assert result["eval_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)

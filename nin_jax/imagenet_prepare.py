@@ -1,0 +1,118 @@
+"""The prepared `imagenet2012`, built from the ILSVRC-2012 tars when needed, or one clear line.
+
+TFDS builds imagenet2012 from two tar files in a manual directory and quietly adds a
+split only for the tars it finds: with only the validation tar present it builds a data
+set without a training split, which fails much later as `Unknown split 'train'`. It
+reads the training tar first, for hours, so a truncated validation tar would waste them
+(and a truncated training tar fails only at its end). So the tars are checked before
+TFDS runs (present, complete) and a prepared set is checked before it is used (both
+splits there); every failure names the file or directory and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import tensorflow as tf
+
+from nin_jax import datasets
+from nin_jax.errors import DataError
+
+tfds = datasets.import_tfds()
+
+# The two tars and their sizes, from TFDS's imagenet2012 checksums.tsv (image-net.org's files).
+TARS = {"train": ("ILSVRC2012_img_train.tar", 147_897_477_120),
+        "validation": ("ILSVRC2012_img_val.tar", 6_744_924_160)}
+# Images per split of ILSVRC-2012 (TFDS's imagenet2012 split sizes).
+FULL_SPLITS = {"train": 1_281_167, "validation": 50_000}
+TAR_BLOCK = 512  # A tar file is whole 512-byte blocks and ends with (at least) two zero blocks.
+
+
+def tar_problem(path: str, full_size: int) -> str | None:
+  """Why `path` is not a complete tar file (missing, empty, cut short), or None.
+
+  A complete tar ends with an end-of-archive marker of two zero blocks; a download cut
+  anywhere lacks it, except a training tar cut exactly after one of its synset tars
+  (which end in zero blocks of their own): `check_prepared` warns about that one. Reading
+  the last kilobyte is instant, where listing the 148 GB training tar is not.
+  """
+  gfile = tf.io.gfile  # Local or gs:// paths.
+  if not gfile.exists(path):
+    return f"is missing (image-net.org's file is {full_size:,} bytes)"
+  size = gfile.stat(path).length
+  complete = size >= 2 * TAR_BLOCK and size % TAR_BLOCK == 0
+  if complete:
+    with gfile.GFile(path, "rb") as f:
+      f.seek(size - 2 * TAR_BLOCK)
+      complete = not any(f.read(2 * TAR_BLOCK))
+  if not complete:
+    return (f"is truncated ({size:,} of image-net.org's {full_size:,} bytes, without the end-of-archive "
+            "marker a complete tar ends with)")
+  return None
+
+
+def check_tars(manual_dir: str) -> None:
+  """Both tars present and complete in `manual_dir`, or a DataError naming each that is not."""
+  problems = []
+  for name, full_size in TARS.values():
+    problem = tar_problem(os.path.join(manual_dir, name), full_size)
+    if problem:
+      problems.append(f"{name} {problem}")
+  if problems:
+    raise DataError(f"ImageNet is not prepared and cannot be built from {manual_dir}: {' and '.join(problems)}. "
+                    "Download the named file(s) from image-net.org into that directory (or set "
+                    "--config.manual_dir), then run again.")
+
+
+def check_prepared(builder) -> None:
+  """A prepared imagenet2012 holds both splits; fewer images than ILSVRC-2012 is a warning."""
+  splits = builder.info.splits
+  missing = [s for s in FULL_SPLITS if s not in splits]
+  if missing:
+    raise DataError(f"The prepared imagenet2012 in {builder.data_dir} has no {' or '.join(missing)} split "
+                    f"(it was built while {' and '.join(TARS[s][0] for s in missing)} was missing from the "
+                    f"manual directory): delete {builder.data_dir}, put both tars in the manual directory, "
+                    "and run again to rebuild it.")
+  short = {s: splits[s].num_examples for s, n in FULL_SPLITS.items() if splits[s].num_examples < n}
+  if short:
+    logging.warning("The prepared imagenet2012 in %s holds fewer images than ILSVRC-2012 (%s); if it was "
+                    "built from incomplete tars, delete that directory and run again to rebuild it.",
+                    builder.data_dir, ", ".join(f"{s}: {n:,} of {FULL_SPLITS[s]:,}" for s, n in short.items()))
+
+
+def _part_being_read(error: BaseException) -> str:
+  """The tar (and synset tar inside it) TFDS was reading when `error` was raised.
+
+  Found in the locals of the traceback's frames: TFDS's own message ("invalid header",
+  "reached end of file") names no file, and the user needs to know which to download.
+  """
+  part, tb = None, error.__traceback__
+  while tb:
+    for name, value in tb.tb_frame.f_locals.items():
+      text = str(value) if isinstance(value, (str, os.PathLike)) else ""
+      part = next((tar for tar, _ in TARS.values() if text.endswith(tar)), part)
+      if name == "fname" and text.endswith(".tar"):  # TFDS's loop over the training tar's synset tars.
+        part = f"{TARS['train'][0]} (its member {text})"
+    tb = tb.tb_next
+  return part or " or ".join(tar for tar, _ in TARS.values())
+
+
+def prepared_builder(data_dir: str, manual_dir: str):
+  """The imagenet2012 builder, prepared (from the tars in `manual_dir` if need be) and checked.
+
+  Paths are taken as TFDS takes them, local or gs://, and never made absolute here.
+  """
+  builder = tfds.builder("imagenet2012", data_dir=data_dir or None)
+  if not builder.is_prepared():
+    manual_dir = manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
+    check_tars(manual_dir)
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # TFDS raises OutOfRangeError, tarfile.ReadError, AssertionError, ...
+      reason = (str(e).strip().splitlines() or [""])[0][:300]
+      raise DataError(f"TFDS could not build imagenet2012 from {manual_dir}: {_part_being_read(e)} is damaged "
+                      f"({type(e).__name__}: {reason}); compare its size and SHA-256 with image-net.org's, "
+                      "download it again, and run again.") from e
+  check_prepared(builder)
+  return builder
