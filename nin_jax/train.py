@@ -284,8 +284,14 @@ def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float
       record()
     reporter.print(_describe(job))
     if start_step >= job.num_steps:
-      return _finished(trainer, state)
-    return train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None)
+      final = _finished(trainer, state)
+    else:
+      if is_main:
+        workdir_lib.remove_final(job.workdir)  # Of a shorter run this one continues.
+      final = train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None)
+    if is_main:
+      workdir_lib.write_final(job.workdir, job.num_steps, final)
+    return final
   finally:
     manager.close()
     reporter.close()

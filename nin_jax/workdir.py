@@ -22,6 +22,9 @@ from etils import epath  # pylint: disable=g-import-not-at-top
 from nin_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
 CONFIG_FILE = "config.json"
+# Written when a run has trained all its steps: its step and final evaluation. Launchers
+# (launch/tpu.sh babysit) poll for it; a longer run continuing the workdir removes it.
+FINAL_FILE = "final.json"
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -68,3 +71,11 @@ def write_text(path: epath.Path, text: str) -> None:
 
 def write_config(path: epath.Path, config_dict: dict) -> None:
   write_text(path / CONFIG_FILE, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+
+def write_final(path: epath.Path, step: int, metrics: dict) -> None:
+  write_text(path / FINAL_FILE, json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+
+
+def remove_final(path: epath.Path) -> None:
+  (path / FINAL_FILE).unlink(missing_ok=True)
