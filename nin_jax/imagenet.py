@@ -91,7 +91,7 @@ def without_undecodable(ds: tf.data.Dataset) -> tf.data.Dataset:
 def make_data(config, size: int, process_index: int, process_count: int) -> input_pipeline.Data:
   """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
   info = datasets.get_info("imagenet2012")
-  builder = imagenet_prepare.prepared_builder(config.data_dir, config.manual_dir)
+  builder = imagenet_prepare.prepared_builder(config.data_dir, config.manual_dir, process_count)
   local_batch = config.batch_size // process_count
   train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
   eval_splits = tfds.even_splits(info.eval_split, n=process_count)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import tensorflow as tf
 
@@ -98,15 +99,21 @@ def _part_being_read(error: BaseException) -> str:
   return part or " or ".join(tar for tar, _ in TARS.values())
 
 
-def prepared_builder(data_dir: str, manual_dir: str):
+def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
   """The imagenet2012 builder, prepared (from the tars in `manual_dir` if need be) and checked.
 
-  Paths are taken as TFDS takes them, local or gs://, and never made absolute here.
+  Paths are taken as TFDS takes them, local or gs://, and never made absolute here. The
+  hosts of a multi-host run would each build the whole set at once into the same place,
+  for hours: there, an unprepared set is an error that says how to prepare it once.
   """
   builder = tfds.builder("imagenet2012", data_dir=data_dir or None)
   if not builder.is_prepared():
     manual_dir = manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
     check_tars(manual_dir)
+    if process_count > 1:
+      raise DataError(f"imagenet2012 is not prepared in {builder.data_dir}, and {process_count} hosts would each "
+                      "build it at once: prepare it once from one machine with `python -m nin_jax.imagenet_prepare "
+                      f"--data_dir={data_dir or builder._data_dir_root} --manual_dir={manual_dir}`, then run again.")  # pylint: disable=protected-access
     try:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # TFDS raises OutOfRangeError, tarfile.ReadError, AssertionError, ...
@@ -116,3 +123,25 @@ def prepared_builder(data_dir: str, manual_dir: str):
                       "download it again, and run again.") from e
   check_prepared(builder)
   return builder
+
+
+def main(argv=None) -> int:
+  """`python -m nin_jax.imagenet_prepare --data_dir=DIR --manual_dir=DIR`: prepares once."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Prepare TFDS imagenet2012 from the two ILSVRC-2012 tars.")
+  parser.add_argument("--data_dir", default="", help="TFDS data_dir (local or gs://); default TFDS's.")
+  parser.add_argument("--manual_dir", default="", help="Directory of the two tars; default <data_dir>/downloads/manual.")
+  args = parser.parse_args(argv)
+  try:
+    builder = prepared_builder(args.data_dir, args.manual_dir)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+  splits = builder.info.splits
+  print(f"imagenet2012 is prepared in {builder.data_dir}: {splits['train'].num_examples:,} train and "
+        f"{splits['validation'].num_examples:,} validation images.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
