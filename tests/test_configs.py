@@ -96,3 +96,24 @@ def test_config_json_is_replaced_whole(tmp_path):
   workdir.write_config(path, {"a": 2})
   assert json.loads((path / "config.json").read_text()) == {"a": 2}
   assert sorted(p.name for p in path.iterdir()) == ["config.json"]  # No temporary file left.
+
+
+def test_readme_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
+  """Each row's learning rate is what experiments/nin_imagenet.py computes for that batch,
+  and the batch divides over the slice's chips."""
+  import os
+  import re
+  from flax import nnx
+  from nin_jax import models, optim
+  from experiments import nin_imagenet
+  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+  rows = re.findall(r"^\| `(v[0-9a-z]+-\d+)` \| (\d+) \((\d+)\) \| (\d+) \| ([0-9.]+) \|$", readme, re.M)
+  assert len(rows) == 4
+  for tpu_type, chips, _, batch, lr in rows:
+    config = nin_imagenet.get_config()
+    config.batch_size = int(batch)
+    model = models.from_config(config)
+    params = nnx.state(nnx.eval_shape(lambda: model.build(nnx.Rngs(0))), nnx.Param)
+    _, schedule = optim.from_config(config, model.spec, params, num_steps=100, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(float(lr)), tpu_type
+    assert int(batch) % int(chips) == 0, tpu_type

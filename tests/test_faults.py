@@ -71,6 +71,7 @@ def test_a_rerun_that_changes_the_run_is_refused_and_changes_nothing(tmp_path, c
       {"from_step": 6, "changes": {"log_every_steps": {"from": 3, "to": 2},
                                    "num_train_steps": {"from": 6, "to": 8}}}]
   assert [r["step"] for r in read_metrics(workdir) if "train_loss" in r] == [2, 4, 6, 8]
+  assert json.loads((tmp_path / "final.json").read_text())["step"] == 8  # The longest run's end.
 
 
 @pytest.mark.parametrize("change,message", [
@@ -395,3 +396,17 @@ def test_offline_a_missing_data_set_is_reported_within_seconds(tmp_path):
       f"error: TFDS 'cifar10' is not prepared in {tmp_path}/tfds/cifar10/3.0.2 and cannot be downloaded from here "
       "(www.cs.toronto.edu: [Errno -3] Temporary failure in name resolution); prepare it with `tfds build "
       "cifar10` on a machine with internet access and point --config.data_dir at its directory."]
+
+
+def test_hosts_of_a_multi_host_run_do_not_each_build_imagenet(tmp_path, capsys):
+  from nin_jax import imagenet_prepare
+  manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+  write_ilsvrc_tars(str(manual), per_synset=2, num_val=3)
+  with pytest.raises(errors.DataError, match=re.escape(
+      f"2 hosts would each build it at once: prepare it once from one machine with `python -m "
+      f"nin_jax.imagenet_prepare --data_dir={data_dir} --manual_dir={manual}`")):
+    imagenet_prepare.prepared_builder(str(data_dir), str(manual), process_count=2)
+  assert not (data_dir / "imagenet2012" / "5.1.0").exists()
+  assert imagenet_prepare.main([f"--data_dir={data_dir}", f"--manual_dir={manual}"]) == 0
+  assert "4 train and 3 validation images" in capsys.readouterr().out
+  assert imagenet_prepare.prepared_builder(str(data_dir), str(manual), process_count=2).is_prepared()

@@ -1,9 +1,12 @@
 """End-to-end training on real Fashion-MNIST subsets: sharding, resume, eval, guard rails."""
 
 import contextlib
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from nin_jax import checkpointing, datasets, errors, input_pipeline, job as job_lib, train
-from tests.helpers import (cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
+from nin_jax import workdir as workdir_lib
+from tests.helpers import (ROOT, cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
                            small_config, without_timing, write_config_file)
 from tests.imagenet_files import write_ilsvrc_tars
 
@@ -84,9 +88,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterru
   assert "checkpoint saved" in err
   stopped_at = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   assert 6 <= stopped_at < 16
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.FINAL_FILE))  # Not finished: no final.json.
 
   resumed = train.train_and_evaluate(config, workdir)
   assert resumed == straight
+  with open(os.path.join(workdir, workdir_lib.FINAL_FILE)) as f:
+    assert json.load(f) == {"step": 16, **straight}
   a, b = flat_params(straight_dir, config), flat_params(workdir, config)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # Bitwise.
@@ -204,36 +211,40 @@ def test_synthetic_data_trains(tmp_path):
   assert result["eval_examples"] == 16
 
 
+def local_sh(tmp_path, *train_args: str, num: int = 2, devices: int = 4) -> subprocess.Popen:
+  """`launch/local.sh`: `num` trainer processes joined through jax.distributed on 127.0.0.1."""
+  return subprocess.Popen(["bash", "launch/local.sh", "-n", str(num), "--devices-per-process", str(devices),
+                           "--logdir", str(tmp_path / "logs"), "--", "--nofast_cpu_dot", *train_args],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+
+
 @needs_fmnist
 def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupted_run):
-  """Two processes of 4 CPU devices each (jax.distributed over gloo) train like one of 8.
-  SIGTERM to host 1 alone stops both at one step (JAX's preemption sync, no per-step
-  collective), both save and exit 143, and the resumed pair ends like one host."""
+  """Two processes of 4 CPU devices each (launch/local.sh: jax.distributed over gloo) train
+  like one of 8. SIGTERM to host 1 alone stops both at one step (JAX's preemption sync, no
+  per-step collective), both save and exit 143, and the resumed pair ends like one host."""
   config, one, _ = uninterrupted_run
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   workdir, config_file = str(tmp_path / "two"), write_config_file(tmp_path, config)
 
-  def start_pair(port):
-    return [run_main(["--config", config_file, "--workdir", workdir, f"--coordinator_address=127.0.0.1:{port}",
-                      "--num_processes=2", f"--process_id={i}"], env=env) for i in range(2)]
-
-  procs = start_pair(20000 + os.getpid() % 20000)
-  for line in procs[0].stdout:
+  pair = local_sh(tmp_path, "--config", config_file, "--workdir", workdir)
+  for line in pair.stdout:  # Host 0's output, shown by local.sh.
     if line.startswith("step 4/16"):
-      procs[1].send_signal(signal.SIGTERM)
+      os.kill(int((tmp_path / "logs" / "process_1.pid").read_text()), signal.SIGTERM)
       break
-  outputs = [p.communicate(timeout=300) for p in procs]
-  assert [p.returncode for p in procs] == [143, 143], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+  _, err = pair.communicate(timeout=300)
+  assert pair.returncode == 143, err[-3000:]
+  assert "process 0 exited with 143" in err and "process 1 exited with 143" in err
   stopped = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   assert 4 < stopped < 16, stopped
 
-  procs = start_pair(20000 + (os.getpid() + 1) % 20000)
-  outputs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert f"resumed from the checkpoint at step {stopped}" in outputs[0][0]
-  assert "on 8 cpu device(s), 2 host(s)" in outputs[0][0]
-  assert "eval at" not in outputs[1][0] and "step 16/16" not in outputs[1][0]  # Only host 0 reports.
+  pair = local_sh(tmp_path, "--config", config_file, "--workdir", workdir)
+  out, err = pair.communicate(timeout=300)
+  assert pair.returncode == 0, err[-3000:]
+  assert f"resumed from the checkpoint at step {stopped}" in out
+  assert "on 8 cpu device(s), 2 host(s)" in out
+  host1 = (tmp_path / "logs" / "process_1.log").read_text()
+  assert "eval at" not in host1 and "step 16/16" not in host1  # Only host 0 reports.
   expected, got = read_metrics(one), read_metrics(workdir)
   np.testing.assert_allclose([r["train_loss"] for r in got if "train_loss" in r],
                              [r["train_loss"] for r in expected if "train_loss" in r], rtol=0, atol=1e-5)
@@ -241,6 +252,22 @@ def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupte
   p1, p2 = flat_params(one, config), flat_params(workdir, config)
   for key in p1:
     np.testing.assert_allclose(p2[key], p1[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+@needs_fmnist
+def test_local_sh_forwards_ctrl_c_to_every_process(tmp_path):
+  config = small_config(num_train_steps=400, log_every_steps=2, checkpoint_every_steps=1000)
+  group = local_sh(tmp_path, "--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "w"),
+                   devices=1)
+  for line in group.stdout:
+    if line.startswith("step 2/400"):
+      group.send_signal(signal.SIGINT)
+      break
+  _, err = group.communicate(timeout=120)
+  assert group.returncode == 130, err[-3000:]
+  assert "forwarding SIGINT to 2 processes" in err
+  assert "process 0 exited with 130" in err and "process 1 exited with 130" in err
+  assert len(os.listdir(tmp_path / "w" / "checkpoints")) == 1  # Both saved the step they stopped at.
 
 
 def test_cpu_transfer_guard_catches_reads_of_device_values():
@@ -253,3 +280,41 @@ def test_cpu_transfer_guard_catches_reads_of_device_values():
         read(fresh())  # ...refused inside...
       with jax.transfer_guard_device_to_host("disallow_explicit"), jax.transfer_guard_device_to_host("allow"):
         read(fresh())  # ...and allowed again where the trainer allows it (log steps).
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# Stands in for Slurm's srun on one machine: SLURM_NTASKS copies of the command, each with the
+# variables a real srun sets inside a job step (those JAX's Slurm detection reads).
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=127.0.0.1 SLURM_STEP_NUM_NODES=1 "$@" &
+  pids+=("$!")
+done
+worst=0
+for pid in "${pids[@]}"; do status=0; wait "$pid" || status=$?; ((status > worst)) && worst=$status; done
+exit "$worst"
+"""
+
+
+@needs_fmnist
+def test_slurm_sbatch_joins_its_tasks_through_slurm_detection(tmp_path, uninterrupted_run):
+  """launch/slurm.sbatch run as sbatch would, its srun starting 2 tasks on this machine: the
+  trainer finds its peers from SLURM_* alone (--distributed) and trains like one host."""
+  config, one, _ = uninterrupted_run
+  (tmp_path / "bin").mkdir()
+  srun = tmp_path / "bin" / "srun"
+  srun.write_text(FAKE_SRUN)
+  srun.chmod(0o755)
+  job_id = 100000 + os.getpid() % 4096  # JAX's coordinator port: 61440 + job id % 4096.
+  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHON": sys.executable,
+         "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  workdir = tmp_path / "run"
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--nofast_cpu_dot", "--config",
+                         write_config_file(tmp_path, config), "--workdir", str(workdir)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "on 8 cpu device(s), 2 host(s)" in proc.stdout
+  np.testing.assert_allclose([r["train_loss"] for r in read_metrics(workdir) if "train_loss" in r],
+                             [r["train_loss"] for r in read_metrics(one) if "train_loss" in r], rtol=0, atol=1e-5)
