@@ -156,6 +156,11 @@ def test_every_printed_gcloud_command_passes_the_real_cli_flag_check(tmp_path, m
                          ("queue", ["--type", "v5litepod-16", "--spot"]), ("queue", ["--type", "v6e-8", "--best-effort"]),
                          ("babysit", ["--type", "v4-8", "--", *TRAIN_ARGS])]:
     printed |= {line for line in cloud.tpu(command, *base, *extra).stdout.splitlines() if line.startswith("gcloud ")}
+  acceptance = ["create", "--name", "n", "--zone", "us-central2-b", "--type", "v4-32", "--dry-run"]
+  printed |= set(cloud.tpu(*acceptance).stdout.splitlines())
+  acceptance[0] = "train"
+  printed |= set(cloud.tpu(*acceptance, "--", "--config", "experiments/nin_imagenet.py", "--workdir",
+                           "gs://b/run").stdout.splitlines())
   assert len(printed) >= 15
   for line in sorted(printed):
     proc = _gcloud_offline(line)
