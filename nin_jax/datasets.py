@@ -43,6 +43,15 @@ DATASETS = {
     "synthetic": DatasetInfo("synthetic", "", 10, 32, 3, "train", "test"),
 }
 
+# Names of the classes, in label order, where a data set has them (for plots).
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "svhn": tuple(str(i) for i in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IDX_DATASETS = ("mnist", "fashion_mnist")  # Distributed as IDX files (--config.idx_dir).
 

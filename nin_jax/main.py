@@ -30,6 +30,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, fo
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
+def use_fast_cpu_dot() -> None:
+  """Lets XLA:CPU fuse dots through YNNPACK (~1.2x faster NIN training on CPU; ignored on
+  GPU/TPU). XLA reads its flags when JAX starts: call this before importing JAX."""
+  if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}".strip()
+
+
 def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -42,9 +49,8 @@ def main(argv: list[str]) -> None:
     _fail("give a config file: --config experiments/nin_fashion_mnist.py")
   if not _WORKDIR.value:
     _fail("give an output directory: --workdir DIR")
-  # XLA reads its flags when JAX starts, so this must precede importing JAX.
-  if _FAST_CPU_DOT.value and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}".strip()
+  if _FAST_CPU_DOT.value:
+    use_fast_cpu_dot()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
 
   import jax  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,97 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Class confidence maps (the paper's Figure 4)
+#
+# With a GAP head, the last mlpconv layer emits one map per class and a class's score is
+# the mean of its map, so the maps can be read as *confidence maps*: the paper's Figure 4
+# shows the map of the true class lighting up where the object is. This notebook draws
+# those maps for trained models from the head ablation (`head_ablation.ipynb`, run that
+# first with the same `workdir_root`): for a grid of test images, the input and the
+# last layer's map for every class (after its ReLU) on one colour scale, the true class's
+# map framed in green and a wrong prediction's in red. The same body trained with an FC
+# head is drawn for contrast: nothing forces its maps to mean anything per class.
+#
+# ```bash
+# papermill notebooks/class_maps.ipynb out.ipynb -k python3 -p workdir_root /tmp/abl
+# ```
+
+# %% tags=["parameters"]
+workdir_root = "/tmp/nin_head_ablation"  # The head ablation's.
+setting = "full"  # Its setting: full or small.
+seed = 0
+num_images = 6  # Test images in the grid, one per class from class 0 on.
+
+# %%
+import os
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from nin_jax import analysis, checkpointing, lineage
+
+models, configs_ = {}, {}
+for head in ("gap", "fc"):
+  workdir = os.path.join(workdir_root, setting, head, f"seed{seed}")
+  configs_[head] = ml_collections.ConfigDict(lineage.effective_config(epath.Path(workdir)))
+  models[head], step = checkpointing.load_model(workdir, configs_[head])
+  print(f"{head}: {workdir}, checkpoint at step {step}")
+
+config = configs_["gap"]
+test_x, test_y = analysis.dataset_images(config, "test", 2000)
+picked = np.array([np.flatnonzero(test_y == c)[0] for c in range(num_images)])
+images, labels = test_x[picked], test_y[picked]
+names = analysis.class_names(config.dataset, models["gap"].spec.num_classes)
+
+# %% [markdown]
+# ## GAP: the maps are the classifier
+#
+# The logits must equal the spatial means of the drawn maps (checked here, not assumed).
+
+# %%
+maps, logits = analysis.class_maps(models["gap"], images)
+print(f"maps of {len(images)} images: {maps.shape[1]}×{maps.shape[2]}×{maps.shape[3]} (height × width × classes)")
+mismatch = float(np.abs(maps.mean(axis=(1, 2)) - logits).max())
+print(f"largest |logit − mean of its map|: {mismatch:.2e}")
+assert mismatch < 1e-4, "the GAP logits are not the means of the captured maps"
+analysis.show(analysis.plot_class_maps(images, maps, labels, logits.argmax(-1), names,
+                                    "GAP head: last mlpconv layer, one map per class"))
+
+# %% [markdown]
+# ## FC head, same body
+#
+# Here the classifier is a dense layer over all maps, so a map need not peak for its class.
+
+# %%
+fc_maps, fc_logits = analysis.class_maps(models["fc"], images)
+analysis.show(analysis.plot_class_maps(images, fc_maps, labels, fc_logits.argmax(-1), names,
+                                    "FC head: the same layer's maps"))
+
+# %% [markdown]
+# ## How often is the true class's map the strongest?
+#
+# Over 2,000 test images: how often the true class has the largest mean map (for GAP,
+# that is its accuracy) and the largest peak value, for each head.
+
+# %%
+for head, model in models.items():
+  all_maps, all_logits = analysis.class_maps(model, test_x)
+  mean_hit = np.mean(all_maps.mean(axis=(1, 2)).argmax(-1) == test_y)
+  peak_hit = np.mean(all_maps.max(axis=(1, 2)).argmax(-1) == test_y)
+  accuracy = np.mean(all_logits.argmax(-1) == test_y)
+  print(f"{head:>3}: true class has the largest mean map {100 * mean_hit:5.1f}%, the largest peak "
+        f"{100 * peak_hit:5.1f}%; the head's accuracy {100 * accuracy:5.1f}%")
