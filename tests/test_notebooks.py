@@ -63,3 +63,16 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
   assert "maps of 6 images: 7×7×10 (height × width × classes)" in printed
   assert "largest |logit − mean of its map|" in printed
   assert len(_outputs(maps, "image/png")) == 2  # GAP and FC grids.
+
+
+def test_readme_shows_the_committed_runs_tables():
+  """The README's Notebooks tables are the ones in the committed head_ablation outputs."""
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, "head_ablation.ipynb"), as_version=4)
+  tables = [t.strip() for t in _outputs(notebook, "text/markdown") if "| head |" in t]
+  assert tables, "notebooks/head_ablation.ipynb carries no outputs: run it (README, Notebooks)"
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  start, end = "<!-- head_ablation tables: begin -->", "<!-- head_ablation tables: end -->"
+  assert start in readme and end in readme
+  assert readme.split(start)[1].split(end)[0].strip() == "\n\n".join(tables), (
+      "README's head-ablation tables differ from the notebook's: copy them from notebooks/head_ablation.ipynb")
