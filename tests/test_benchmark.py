@@ -1,0 +1,41 @@
+"""python -m nin_jax.benchmark: its numbers are consistent with each other and with the model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nin_jax import models
+from tests.helpers import ROOT, needs_fmnist
+
+
+def _benchmark(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "nin_jax.benchmark", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("extra", [[], pytest.param(["--input"], marks=needs_fmnist)])
+def test_benchmark_prints_consistent_measurements_of_the_trainers_steps(extra):
+  proc = _benchmark("--model", "nin_mnist", "--batch_size", "16", "--steps", "2", "--repeats", "2",
+                    "--warmup", "1", *extra)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert [r["measure"] for r in rows] == ["train_step", "eval_step"]
+  mult_adds = sum(r.mult_adds for r in models.summarize(models.create_model("nin_mnist")))
+  for row, flops_per_mult_add in zip(rows, (6, 2)):
+    assert row["mult_adds_per_image"] == mult_adds == 50_699_712
+    assert row["devices"] == 8 and row["backend"] == "cpu"  # Every device of conftest's 8.
+    assert row["input"] == ("fashion_mnist" if extra else "synthetic")
+    assert row["step_seconds_min"] <= row["step_seconds_median"] <= row["step_seconds_max"]
+    assert row["images_per_sec"] == pytest.approx(16 / row["step_seconds_median"])
+    assert row["flops_per_sec"] == pytest.approx(flops_per_mult_add * mult_adds * row["images_per_sec"])
+    assert row["fraction_of_matmul_peak"] == pytest.approx(row["flops_per_sec"] / row["matmul_peak_flops_per_sec"])
+    assert 0 < row["fraction_of_matmul_peak"] < 2 and row["compile_seconds"] > 0
+  assert "train_step" in proc.stdout.splitlines()[-3] and "matmul peak" in proc.stdout.splitlines()[-1]
+
+
+def test_benchmark_user_errors_are_one_line():
+  proc = _benchmark("--model", "nin_mnist", "--batch_size", "12")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: batch_size 12 is not divisible by the 8 devices")
