@@ -108,13 +108,11 @@ def head_parameters(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def dataset_images(config: ml_collections.ConfigDict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` images of the "train" or "test" split as the run saw them (the same
   preprocessing, with the statistics of its training images), unaugmented, and their labels."""
-  arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
-                                idx_dir=config.idx_dir or None)
-  train_x, train_y = arrays.train_images, arrays.train_labels
-  if config.train_examples > 0:
-    train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
-  train_x, test_x = input_pipeline.preprocess(train_x, arrays.eval_images[:count], config.preprocess)
-  return (train_x[:count], train_y[:count]) if split == "train" else (test_x, arrays.eval_labels[:count])
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval_examples = 0  # Any test image, not only those the run evaluated on.
+  train_x, train_y, test_x, test_y = input_pipeline.in_memory_arrays(config)
+  images, labels = (train_x, train_y) if split == "train" else (test_x, test_y)
+  return images[:count], labels[:count]
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:

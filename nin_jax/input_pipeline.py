@@ -223,7 +223,9 @@ def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train
       num_train_examples=num_train, num_eval_examples=len(eval_x))
 
 
-def _in_memory_data(config, process_index: int, process_count: int) -> Data:
+def in_memory_arrays(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(train images, train labels, eval images, eval labels) of the config's in-memory data set,
+  cut to `train_examples` / `eval_examples` and preprocessed with the training images' statistics."""
   arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
                                idx_dir=config.idx_dir or None)
   train_x, train_y = arrays.train_images, arrays.train_labels
@@ -233,6 +235,11 @@ def _in_memory_data(config, process_index: int, process_count: int) -> Data:
   if config.eval_examples > 0:
     eval_x, eval_y = eval_x[:config.eval_examples], eval_y[:config.eval_examples]
   train_x, eval_x = preprocess(train_x, eval_x, config.preprocess)
+  return train_x, train_y, eval_x, eval_y
+
+
+def _in_memory_data(config, process_index: int, process_count: int) -> Data:
+  train_x, train_y, eval_x, eval_y = in_memory_arrays(config)
   if config.batch_size > len(train_x):
     raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_x):,} training examples of "
                       f"{config.dataset}; lower --config.batch_size"

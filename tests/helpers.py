@@ -100,3 +100,11 @@ def write_config_file(directory, config) -> str:
     f.write("import ml_collections\n\n\ndef get_config():\n"
             f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
   return path
+
+
+def can_unshare_network() -> bool:
+  """Whether this machine lets a test run a command in a network namespace of its own
+  (`unshare -n`: root), where nothing it does leaves the machine."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  return shutil.which("unshare") is not None and subprocess.run(
+      ["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train, workdir
-from tests.helpers import (ROOT, needs_fmnist, read_metrics, run_main, small_config, without_timing,
-                           write_config_file)
+from tests.helpers import (ROOT, can_unshare_network, needs_fmnist, read_metrics, run_main, small_config,
+                           without_timing, write_config_file)
 from tests.imagenet_files import write_ilsvrc_tars
 
 
@@ -377,12 +377,7 @@ def test_imagenet_preparation_faults_name_the_file_in_one_line(tmp_path, fault, 
   assert prepared.exists() == (fault is _prepared_from_only_the_val_tar)  # nor a prepared set deleted.
 
 
-def _can_unshare_network() -> bool:
-  return shutil.which("unshare") is not None and subprocess.run(
-      ["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare_network(), reason="needs root and `unshare -n` for a machine without network")
+@pytest.mark.skipif(not can_unshare_network(), reason="needs root and `unshare -n` for a machine without network")
 def test_offline_a_missing_data_set_is_reported_within_seconds(tmp_path):
   """In a network namespace of its own nothing leaves the machine; TFDS alone retried for 3.5 minutes."""
   start = time.perf_counter()

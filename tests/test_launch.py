@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests import fake_gcloud
-from tests.helpers import ROOT
+from tests.helpers import ROOT, can_unshare_network
 
 LAUNCH = os.path.join(ROOT, "launch")
 TRAIN_ARGS = ["--config", "experiments/nin_imagenet.py", "--workdir", "gs://b/run", "--config.x='a b'",
@@ -137,12 +137,7 @@ def _gcloud_offline(line: str) -> subprocess.CompletedProcess:
                         check=False, env={**os.environ, "CLOUDSDK_CONFIG": config})
 
 
-def _can_check_gcloud() -> bool:
-  return bool(shutil.which("gcloud") and shutil.which("unshare")) and subprocess.run(
-      ["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
-
-
-@pytest.mark.skipif(not _can_check_gcloud(), reason="needs the gcloud CLI and `unshare -n` (root)")
+@pytest.mark.skipif(not (shutil.which("gcloud") and can_unshare_network()), reason="needs the gcloud CLI and `unshare -n` (root)")
 def test_every_printed_gcloud_command_passes_the_real_cli_flag_check(tmp_path, monkeypatch):
   """gcloud exits 2 with "unrecognized arguments" for a wrong flag, 1 (no account) for a valid
   command: every command tpu.sh can print must get the 1."""
