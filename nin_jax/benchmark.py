@@ -44,7 +44,7 @@ def parse_args(argv):
   parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
   parser.add_argument("--input", action="store_true", help="Feed the model's data set through the real pipeline.")
   parser.add_argument("--dataset", default="", help="With --input: the data set (default: the model's).")
-  parser.add_argument("--no_fast_cpu_dot", action="store_true", help="Leave XLA:CPU's dot fusion off.")
+  parser.add_argument("--no_fast_cpu_fusions", action="store_true", help="Leave XLA:CPU's YNNPACK fusions off (the plain path).")
   args = parser.parse_args(argv)
   for name in ("batch_size", "steps", "repeats"):
     if getattr(args, name) < 1:
@@ -137,9 +137,9 @@ def _measurement(kind: str, times: list[float], compile_seconds: float, args) ->
 
 def run(args) -> list[dict]:
   """Every measurement of one benchmark, as dicts (also printed as JSON lines)."""
-  if not args.no_fast_cpu_dot:
-    from nin_jax.main import use_fast_cpu_dot  # pylint: disable=g-import-not-at-top
-    use_fast_cpu_dot()
+  if not args.no_fast_cpu_fusions:
+    from nin_jax.main import use_fast_cpu_fusions  # pylint: disable=g-import-not-at-top
+    use_fast_cpu_fusions()
   import jax  # pylint: disable=g-import-not-at-top
   from nin_jax import job as job_lib, models, reporting, train  # pylint: disable=g-import-not-at-top
   config = _config(args)

@@ -68,9 +68,9 @@ import io
 import os
 import time
 
-from nin_jax.main import use_fast_cpu_dot
+from nin_jax.main import use_fast_cpu_fusions
 
-use_fast_cpu_dot()  # XLA:CPU's faster dots; before JAX starts.
+use_fast_cpu_fusions()  # XLA:CPU's faster dots and reductions; before JAX starts.
 
 import ml_collections  # noqa: E402
 from IPython.display import Markdown, display  # noqa: E402

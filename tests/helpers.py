@@ -88,7 +88,7 @@ def predict(model, images) -> np.ndarray:
 
 def run_main(args, cwd=ROOT, **kwargs):
   """`python -m nin_jax.main` as a subprocess, stdout and stderr piped as text."""
-  return subprocess.Popen([sys.executable, "-m", "nin_jax.main", "--nofast_cpu_dot", *args], cwd=cwd,
+  return subprocess.Popen([sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", *args], cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -176,7 +176,7 @@ needs_mount = pytest.mark.skipif(not shutil.which("unshare") or not _can_mount()
 
 def _run_in_mount_namespace(tmp_path, mounts: str, config) -> tuple[subprocess.CompletedProcess, float]:
   """The CLI in a private mount namespace set up by `mounts` (shell), so the fault is a real one."""
-  command = (f"{mounts} && exec {shlex.quote(sys.executable)} -m nin_jax.main --nofast_cpu_dot "
+  command = (f"{mounts} && exec {shlex.quote(sys.executable)} -m nin_jax.main --nofast_cpu_fusions "
              f"--config {shlex.quote(write_config_file(tmp_path / 'cfg', config))} --workdir {tmp_path / 'run'}")
   start = time.perf_counter()
   proc = subprocess.run(["unshare", "-m", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True,

@@ -214,7 +214,7 @@ def test_synthetic_data_trains(tmp_path):
 def local_sh(tmp_path, *train_args: str, num: int = 2, devices: int = 4) -> subprocess.Popen:
   """`launch/local.sh`: `num` trainer processes joined through jax.distributed on 127.0.0.1."""
   return subprocess.Popen(["bash", "launch/local.sh", "-n", str(num), "--devices-per-process", str(devices),
-                           "--logdir", str(tmp_path / "logs"), "--", "--nofast_cpu_dot", *train_args],
+                           "--logdir", str(tmp_path / "logs"), "--", "--nofast_cpu_fusions", *train_args],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "PYTHON": sys.executable})
 
@@ -311,7 +311,7 @@ def test_slurm_sbatch_joins_its_tasks_through_slurm_detection(tmp_path, uninterr
          "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   workdir = tmp_path / "run"
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--nofast_cpu_dot", "--config",
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--nofast_cpu_fusions", "--config",
                          write_config_file(tmp_path, config), "--workdir", str(workdir)],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
