@@ -49,6 +49,8 @@ def parse_args(argv):
   for name in ("batch_size", "steps", "repeats"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be at least 1")
+  if args.warmup < 0:
+    parser.error("--warmup must be at least 0")
   return args
 
 
@@ -102,8 +104,8 @@ def _train_measurement(trainer, job, args) -> tuple[dict, object]:
 
   def run(count):
     for _ in range(count):
-      box["state"], metrics = compiled(box["state"], *next_batch())
-    jax.block_until_ready((box["state"], metrics))
+      box["state"], box["metrics"] = compiled(box["state"], *next_batch())
+    jax.block_until_ready(box)
 
   run(args.warmup)
   times = _timed(lambda: run(args.steps), args.repeats)
@@ -119,9 +121,8 @@ def _eval_measurement(trainer, job, state, args) -> dict:
   compile_seconds = time.perf_counter() - start
 
   def run(count):
-    for _ in range(count):
-      out = compiled(state["params"], images, labels, mask)
-    jax.block_until_ready(out)
+    outs = [compiled(state["params"], images, labels, mask) for _ in range(count)]
+    jax.block_until_ready(outs)
 
   run(args.warmup)
   return _measurement("eval_step", _timed(lambda: run(args.steps), args.repeats), compile_seconds, args)

@@ -1,6 +1,8 @@
 """python -m nin_jax.benchmark: its numbers are consistent with each other and with the model."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +41,36 @@ def test_benchmark_user_errors_are_one_line():
   proc = _benchmark("--model", "nin_mnist", "--batch_size", "12")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: batch_size 12 is not divisible by the 8 devices")
+
+
+@pytest.mark.parametrize("name,image_size", [("nin_cifar10", 0), ("nin_cifar100", 0), ("nin_svhn", 0),
+                                             ("nin_imagenet", 99)])
+def test_benchmark_flops_come_from_each_models_table(name, image_size):
+  """FLOP/s = 2 per multiply-add of the model's own table at the benchmarked size (x3 to train)."""
+  proc = _benchmark("--model", name, "--batch_size", "8", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                    "--image_size", str(image_size))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model = models.create_model(name)
+  mult_adds = sum(r.mult_adds for r in models.summarize(model, image_size or model.spec.image_size))
+  train, evaluation = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  for row, flops_per_mult_add in ((train, 6), (evaluation, 2)):
+    assert row["mult_adds_per_image"] == mult_adds
+    assert row["flops_per_sec"] == pytest.approx(flops_per_mult_add * mult_adds * row["images_per_sec"])
+
+
+def test_readme_performance_table_is_consistent_with_the_models():
+  """Each row's ratio and peak shares follow from its own images/s and the model's table."""
+  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  section = readme[readme.index("## Performance"):readme.index("## Notebooks")]
+  rows = [line for line in section.splitlines() if line.startswith("| `nin_")]
+  assert len(rows) == 3
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    name, batch = re.fullmatch(r"`(\w+)`, (\d+)", cells[0]).groups()
+    project, torch, ratio = float(cells[1]), float(cells[2]), float(cells[3])
+    project_share, torch_share = (float(c.rstrip("%")) / 100 for c in cells[4:6])
+    peak = float(cells[6].split()[0]) * 1e9
+    assert ratio == pytest.approx(project / torch, abs=0.005)
+    mult_adds = sum(r.mult_adds for r in models.summarize(models.create_model(name)))
+    for images_per_sec, share in ((project, project_share), (torch, torch_share)):
+      assert 6 * mult_adds * images_per_sec / peak == pytest.approx(share, abs=0.01)
