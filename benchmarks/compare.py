@@ -21,30 +21,50 @@ import sys
 DEFAULT_CASES = ("nin_mnist:64", "nin_cifar10:128", "nin_imagenet:32")
 
 
-def _measure(module: str, model: str, batch: int, steps: int, repeats: int) -> float:
-  """Train images/s printed by `python -m module` (its first JSON line)."""
+def _measure(module: str, model: str, batch: int, steps: int, repeats: int) -> dict:
+  """The train-step measurement `python -m module` prints (its first JSON line)."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, as a plain run has.
   out = subprocess.run([sys.executable, "-m", module, "--model", model, "--batch_size", str(batch),
                         "--steps", str(steps), "--repeats", str(repeats)],
                        capture_output=True, text=True, check=True, env=env).stdout
-  return json.loads(next(line for line in out.splitlines() if line.startswith("{")))["images_per_sec"]
+  return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
 
 def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int, say=print) -> list[dict]:
   sides = {"project": "nin_jax.benchmark", "torch": "benchmarks.torch_nin"}
   speeds = {(case, side): [] for case in cases for side in sides}
+  peaks, mult_adds = {case: [] for case in cases}, {}
   for r in range(rounds):
     for case in cases:
       for side in (sides if r % 2 == 0 else reversed(sides)):
-        speeds[case, side].append(_measure(sides[side], *case, steps, repeats))
+        row = _measure(sides[side], *case, steps, repeats)
+        speeds[case, side].append(row["images_per_sec"])
+        if side == "project":  # The backend's matmul peak, measured beside each project run.
+          peaks[case].append(row["matmul_peak_flops_per_sec"])
+          mult_adds[case] = row["mult_adds_per_image"]
         say(f"round {r + 1}/{rounds} {case[0]} b{case[1]} {side}: {speeds[case, side][-1]:.1f} images/s")
   rows = []
   for case in cases:
     project, torch = (statistics.median(speeds[case, side]) for side in sides)
+    peak = statistics.median(peaks[case])
+    share = lambda images_per_sec: 6 * mult_adds[case] * images_per_sec / peak  # 3 passes x 2 FLOPs.
     rows.append({"model": case[0], "batch_size": case[1], "project_images_per_sec": project,
-                 "torch_images_per_sec": torch, "ratio": project / torch, "rounds": rounds})
+                 "torch_images_per_sec": torch, "ratio": project / torch, "rounds": rounds,
+                 "matmul_peak_flops_per_sec": peak, "project_fraction_of_peak": share(project),
+                 "torch_fraction_of_peak": share(torch)})
   return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  lines = ["| model, batch (train step, float32) | project (img/s) | PyTorch (img/s) | ratio "
+           "| project, of matmul peak | PyTorch, of matmul peak | matmul peak |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| `{r['model']}`, {r['batch_size']} | {r['project_images_per_sec']:.1f} | "
+                 f"{r['torch_images_per_sec']:.1f} | {r['ratio']:.2f} | {r['project_fraction_of_peak']:.0%} | "
+                 f"{r['torch_fraction_of_peak']:.0%} | {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s |")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -56,10 +76,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases]
   rows = compare(cases, args.rounds, args.steps, args.repeats)
-  print("| model, batch | project (img/s) | PyTorch (img/s) | ratio |\n|---|---|---|---|")
-  for r in rows:
-    print(f"| `{r['model']}`, {r['batch_size']} | {r['project_images_per_sec']:.1f} | "
-          f"{r['torch_images_per_sec']:.1f} | {r['ratio']:.2f} |")
+  print(markdown(rows))
   for r in rows:
     print(json.dumps(r, sort_keys=True))
   return 0

@@ -35,3 +35,8 @@ def test_compare_alternates_both_sides_and_reports_their_ratio():
   row, = rows
   assert row["ratio"] == pytest.approx(row["project_images_per_sec"] / row["torch_images_per_sec"])
   assert row["project_images_per_sec"] > 0 and row["torch_images_per_sec"] > 0
+  # Both sides' FLOP/s as a share of the one matmul peak: 6 FLOPs per multiply-add of a step.
+  for side in ("project", "torch"):
+    flops = 6 * 50_699_712 * row[f"{side}_images_per_sec"]
+    assert row[f"{side}_fraction_of_peak"] == pytest.approx(flops / row["matmul_peak_flops_per_sec"])
+  assert compare.markdown(rows).splitlines()[2].startswith("| `nin_mnist`, 16 | ")
