@@ -156,7 +156,8 @@ def run(args) -> list[dict]:
                "devices": len(devices), "hosts": jax.process_count(), "mult_adds_per_image": mult_adds}
     train_row, state = _train_measurement(trainer, job, args)
     eval_row = _eval_measurement(trainer, job, state, args)
-  peak = matmul_peak(args.dtype) * len(jax.local_devices())
+  # Accelerators add up; CPU "devices" (--xla_force_host_platform_device_count) share one set of cores.
+  peak = matmul_peak(args.dtype) * (1 if devices[0].platform == "cpu" else len(jax.local_devices()))
   datasheet = DATASHEET_PEAK.get(devices[0].device_kind)
   results = []
   for row, flops_per_mult_add in ((train_row, 6), (eval_row, 2)):
