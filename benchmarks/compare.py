@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 
+from nin_jax.benchmark import FLOPS_PER_MULT_ADD
+
 DEFAULT_CASES = ("nin_mnist:64", "nin_cifar10:128", "nin_imagenet:32")
 
 
@@ -48,7 +50,7 @@ def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int,
   for case in cases:
     project, torch = (statistics.median(speeds[case, side]) for side in sides)
     peak = statistics.median(peaks[case])
-    share = lambda images_per_sec: 6 * mult_adds[case] * images_per_sec / peak  # 3 passes x 2 FLOPs.
+    share = lambda images_per_sec: FLOPS_PER_MULT_ADD["train_step"] * mult_adds[case] * images_per_sec / peak
     rows.append({"model": case[0], "batch_size": case[1], "project_images_per_sec": project,
                  "torch_images_per_sec": torch, "ratio": project / torch, "rounds": rounds,
                  "matmul_peak_flops_per_sec": peak, "project_fraction_of_peak": share(project),

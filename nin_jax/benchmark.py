@@ -27,6 +27,8 @@ import time
 # Datasheet dense bf16 peaks per chip (vendors' product pages), by `device_kind`.
 DATASHEET_PEAK = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
                   "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12}
+# FLOPs per multiply-add of the model's table: x2 per product, x3 for a training step's passes.
+FLOPS_PER_MULT_ADD = {"train_step": 6, "eval_step": 2}
 MODEL_DATASETS = {"nin_mnist": "fashion_mnist", "nin_cifar10": "cifar10", "nin_cifar100": "cifar100",
                   "nin_svhn": "svhn", "nin_imagenet": "imagenet2012"}
 
@@ -160,8 +162,8 @@ def run(args) -> list[dict]:
   peak = matmul_peak(args.dtype) * (1 if devices[0].platform == "cpu" else len(jax.local_devices()))
   datasheet = DATASHEET_PEAK.get(devices[0].device_kind)
   results = []
-  for row, flops_per_mult_add in ((train_row, 6), (eval_row, 2)):
-    flops = flops_per_mult_add * mult_adds * row["images_per_sec"]
+  for row in (train_row, eval_row):
+    flops = FLOPS_PER_MULT_ADD[row["measure"]] * mult_adds * row["images_per_sec"]
     row = {**context, **row, "flops_per_sec": flops, "matmul_peak_flops_per_sec": peak,
            "fraction_of_matmul_peak": flops / peak}
     if datasheet:
