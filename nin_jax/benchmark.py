@@ -158,8 +158,10 @@ def run(args) -> list[dict]:
                "devices": len(devices), "hosts": jax.process_count(), "mult_adds_per_image": mult_adds}
     train_row, state = _train_measurement(trainer, job, args)
     eval_row = _eval_measurement(trainer, job, state, args)
-  # Accelerators add up; CPU "devices" (--xla_force_host_platform_device_count) share one set of cores.
-  peak = matmul_peak(args.dtype) * (1 if devices[0].platform == "cpu" else len(jax.local_devices()))
+  # FLOP/s count every host's images, so the peak does too: accelerators add up per device; CPU
+  # "devices" (--xla_force_host_platform_device_count) share their host's cores, hosts add up.
+  per_host = 1 if devices[0].platform == "cpu" else len(jax.local_devices())
+  peak = matmul_peak(args.dtype) * per_host * jax.process_count()
   datasheet = DATASHEET_PEAK.get(devices[0].device_kind)
   results = []
   for row in (train_row, eval_row):
