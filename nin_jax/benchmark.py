@@ -149,8 +149,7 @@ def run(args) -> list[dict]:
   with tempfile.TemporaryDirectory() as workdir:
     job = job_lib.make_job(config, workdir, None)
     trainer = train.Trainer(job, reporting.Reporter(job.workdir, total_steps=1, enabled=False))
-    rows = models.summarize(nnx_model(job), job.model.image_size)
-    mult_adds = sum(r.mult_adds for r in rows)
+    mult_adds = models.total_mult_adds(nnx_model(job), job.model.image_size)
     devices = job.devices
     context = {"model": args.model, "head": args.head, "dtype": args.dtype, "batch_size": args.batch_size,
                "image_size": job.model.image_size, "input": config.dataset,

@@ -324,6 +324,11 @@ def summarize(model: NIN, image_size: int | None = None) -> list[LayerRow]:
   return rows
 
 
+def total_mult_adds(model: NIN, image_size: int | None = None) -> int:
+  """Multiply-adds of one image's forward pass: the sum of `summarize`'s table (FLOP counts)."""
+  return sum(r.mult_adds for r in summarize(model, image_size))
+
+
 def abstract_model(name: str, **kwargs) -> NIN:
   """`create_model` with shapes instead of numbers: for tables and counts, in milliseconds."""
   return nnx.eval_shape(lambda: create_model(name, **kwargs))

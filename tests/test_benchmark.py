@@ -24,7 +24,7 @@ def test_benchmark_prints_consistent_measurements_of_the_trainers_steps(extra):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [r["measure"] for r in rows] == ["train_step", "eval_step"]
-  mult_adds = sum(r.mult_adds for r in models.summarize(models.create_model("nin_mnist")))
+  mult_adds = models.total_mult_adds(models.abstract_model("nin_mnist"))
   for row, flops_per_mult_add in zip(rows, (6, 2)):
     assert row["mult_adds_per_image"] == mult_adds == 50_699_712
     assert row["devices"] == 8 and row["backend"] == "cpu"  # Every device of conftest's 8.
@@ -50,8 +50,7 @@ def test_benchmark_flops_come_from_each_models_table(name, image_size):
   proc = _benchmark("--model", name, "--batch_size", "8", "--steps", "1", "--repeats", "1", "--warmup", "0",
                     "--image_size", str(image_size))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  model = models.create_model(name)
-  mult_adds = sum(r.mult_adds for r in models.summarize(model, image_size or model.spec.image_size))
+  mult_adds = models.total_mult_adds(models.abstract_model(name), image_size or None)
   train, evaluation = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   for row, flops_per_mult_add in ((train, 6), (evaluation, 2)):
     assert row["mult_adds_per_image"] == mult_adds
@@ -71,6 +70,6 @@ def test_readme_performance_table_is_consistent_with_the_models():
     project_share, torch_share = (float(c.rstrip("%")) / 100 for c in cells[4:6])
     peak = float(cells[6].split()[0]) * 1e9
     assert ratio == pytest.approx(project / torch, abs=0.005)
-    mult_adds = sum(r.mult_adds for r in models.summarize(models.create_model(name)))
+    mult_adds = models.total_mult_adds(models.abstract_model(name))
     for images_per_sec, share in ((project, project_share), (torch, torch_share)):
       assert 6 * mult_adds * images_per_sec / peak == pytest.approx(share, abs=0.01)
