@@ -46,7 +46,8 @@ def parse_args(argv):
   parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
   parser.add_argument("--input", action="store_true", help="Feed the model's data set through the real pipeline.")
   parser.add_argument("--dataset", default="", help="With --input: the data set (default: the model's).")
-  parser.add_argument("--no_fast_cpu_fusions", action="store_true", help="Leave XLA:CPU's YNNPACK fusions off (the plain path).")
+  parser.add_argument("--no_fast_cpu_fusions", action="store_true",
+                      help="Leave XLA:CPU's YNNPACK fusions off (with NIN_JAX_ONEDNN=0: the plain path).")
   args = parser.parse_args(argv)
   for name in ("batch_size", "steps", "repeats"):
     if getattr(args, name) < 1:
@@ -144,7 +145,7 @@ def run(args) -> list[dict]:
     from nin_jax.main import use_fast_cpu_fusions  # pylint: disable=g-import-not-at-top
     use_fast_cpu_fusions()
   import jax  # pylint: disable=g-import-not-at-top
-  from nin_jax import job as job_lib, models, reporting, train  # pylint: disable=g-import-not-at-top
+  from nin_jax import job as job_lib, models, onednn, reporting, train  # pylint: disable=g-import-not-at-top
   config = _config(args)
   with tempfile.TemporaryDirectory() as workdir:
     job = job_lib.make_job(config, workdir, None)
@@ -154,7 +155,8 @@ def run(args) -> list[dict]:
     context = {"model": args.model, "head": args.head, "dtype": args.dtype, "batch_size": args.batch_size,
                "image_size": job.model.image_size, "input": config.dataset,
                "backend": devices[0].platform, "device_kind": devices[0].device_kind,
-               "devices": len(devices), "hosts": jax.process_count(), "mult_adds_per_image": mult_adds}
+               "devices": len(devices), "hosts": jax.process_count(), "mult_adds_per_image": mult_adds,
+               "layers": "onednn" if args.dtype == "float32" and onednn.enabled() else "xla"}
     train_row, state = _train_measurement(trainer, job, args)
     eval_row = _eval_measurement(trainer, job, state, args)
   # FLOP/s count every host's images, so the peak does too: accelerators add up per device; CPU
@@ -178,6 +180,9 @@ def nnx_model(job):
   return nnx.eval_shape(lambda: job.model.build(nnx.Rngs(0)))
 
 
+_LAYERS = {"onednn": "oneDNN", "xla": "XLA"}
+
+
 def table(results: list[dict]) -> str:
   lines = [f"{'measure':<11} {'images/s':>9} {'step ms (min-max)':>22} {'compile s':>9} {'GFLOP/s':>9} "
            f"{'of matmul peak':>14}"]
@@ -188,7 +193,7 @@ def table(results: list[dict]) -> str:
   first = results[0]
   lines.append(f"{first['model']}/{first['head']} {first['dtype']}, batch {first['batch_size']} at "
                f"{first['image_size']} px, input {first['input']}, {first['devices']} {first['backend']} "
-               f"device(s) ({first['device_kind']}); matmul peak {first['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s")
+               f"device(s) ({first['device_kind']}), layers on {_LAYERS[first['layers']]}; matmul peak {first['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s")
   return "\n".join(lines)
 
 

@@ -227,8 +227,7 @@ class NIN(nnx.Module):
     x = x.astype(self.dtype)
     names = layer_names(self.spec)
     for b, (block_spec, block) in enumerate(zip(self.spec.blocks, self.blocks)):
-      for name, layer in zip(names[b], block.layers()):
-        x = nnx.relu(layer(x))
+      for name, (layer, x) in zip(names[b], block.outputs(x)):
         hook(name, x, layer)
       if block_spec.pool:
         x = layers.pool2d(x, block_spec.pool, window=3, stride=2)

@@ -29,8 +29,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, lock, optim, preemption,
-                     reporting, train_metrics, workdir as workdir_lib)
+from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, lock, onednn, optim,
+                     preemption, reporting, train_metrics, workdir as workdir_lib)
 from nin_jax.errors import Interrupted
 
 
@@ -232,7 +232,8 @@ def _describe(job: job_lib.Job) -> str:
   return (f"{c.model}/{c.head} on {c.dataset}: {job.data.num_train_examples:,} train and "
           f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
           f"({job.num_steps / job.steps_per_epoch:.2f} epochs) on {len(job.devices)} "
-          f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)")
+          f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)"
+          + (", layers on oneDNN" if c.dtype == "float32" and onednn.enabled() else ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -92,6 +92,19 @@ def run_main(args, cwd=ROOT, **kwargs):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def run_main_until(args, line_start: str, **kwargs):
+  """`run_main(args)` sent SIGTERM once it prints a line starting with `line_start` (training has
+  visibly started); returns its exit code, the rest of its stdout, and its stderr."""
+  import signal  # pylint: disable=g-import-not-at-top
+  proc = run_main(args, **kwargs)
+  for line in proc.stdout:
+    if line.startswith(line_start):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
 def write_config_file(directory, config) -> str:
   """The exact config as a config file, so a subprocess trains what the test trains."""
   os.makedirs(directory, exist_ok=True)

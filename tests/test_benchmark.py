@@ -27,14 +27,15 @@ def test_benchmark_prints_consistent_measurements_of_the_trainers_steps(extra):
   mult_adds = models.total_mult_adds(models.abstract_model("nin_mnist"))
   for row, flops_per_mult_add in zip(rows, (6, 2)):
     assert row["mult_adds_per_image"] == mult_adds == 50_699_712
-    assert row["devices"] == 8 and row["backend"] == "cpu"  # Every device of conftest's 8.
+    assert row["devices"] == 8 and row["backend"] == "cpu"  # Every device of conftest's 8,
+    assert row["layers"] == "xla"  # where XLA's kernels stay (tests/test_onednn.py has one device).
     assert row["input"] == ("fashion_mnist" if extra else "synthetic")
     assert row["step_seconds_min"] <= row["step_seconds_median"] <= row["step_seconds_max"]
     assert row["images_per_sec"] == pytest.approx(16 / row["step_seconds_median"])
     assert row["flops_per_sec"] == pytest.approx(flops_per_mult_add * mult_adds * row["images_per_sec"])
     assert row["fraction_of_matmul_peak"] == pytest.approx(row["flops_per_sec"] / row["matmul_peak_flops_per_sec"])
     assert 0 < row["fraction_of_matmul_peak"] < 2 and row["compile_seconds"] > 0
-  assert "train_step" in proc.stdout.splitlines()[-3] and "matmul peak" in proc.stdout.splitlines()[-1]
+  assert "train_step" in proc.stdout.splitlines()[-3] and "layers on XLA; matmul peak" in proc.stdout.splitlines()[-1]
 
 
 def test_benchmark_user_errors_are_one_line():

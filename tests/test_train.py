@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from nin_jax import checkpointing, datasets, errors, input_pipeline, job as job_lib, train
 from nin_jax import workdir as workdir_lib
 from tests.helpers import (ROOT, cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
-                           small_config, without_timing, write_config_file)
+                           run_main_until, small_config, without_timing, write_config_file)
 from tests.imagenet_files import write_ilsvrc_tars
 
 
@@ -77,14 +77,9 @@ def test_eval_counts_every_example_once(tmp_path):
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterrupted_run):
   config, straight_dir, straight = uninterrupted_run
   workdir = str(tmp_path / "resumed")
-  proc = run_main(["--config", write_config_file(tmp_path, config), "--workdir", workdir])
   # SIGTERM once training has visibly started; the run must save and exit non-zero.
-  for line in proc.stdout:
-    if line.startswith("step 6/16"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 128 + signal.SIGTERM, err
+  code, _, err = run_main_until(["--config", write_config_file(tmp_path, config), "--workdir", workdir], "step 6/16")
+  assert code == 128 + signal.SIGTERM, err
   assert "checkpoint saved" in err
   stopped_at = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   assert 6 <= stopped_at < 16
