@@ -156,7 +156,7 @@ def run(args) -> list[dict]:
                "image_size": job.model.image_size, "input": config.dataset,
                "backend": devices[0].platform, "device_kind": devices[0].device_kind,
                "devices": len(devices), "hosts": jax.process_count(), "mult_adds_per_image": mult_adds,
-               "layers": "onednn" if args.dtype == "float32" and onednn.enabled() else "xla"}
+               "layers": "onednn" if onednn.used_for(args.dtype) else "xla"}
     train_row, state = _train_measurement(trainer, job, args)
     eval_row = _eval_measurement(trainer, job, state, args)
   # FLOP/s count every host's images, so the peak does too: accelerators add up per device; CPU

@@ -84,7 +84,7 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   pad = ((0, 0), (padding, padding + max(extra_h, 0)), (padding, padding + max(extra_w, 0)), (0, 0))
   if kind not in POOL_KINDS:
     raise ValueError(f"Unknown pooling kind {kind!r}; choose 'max' or 'avg'.")
-  if kind == "max" and x.dtype == jnp.float32 and window * window < 256 and onednn.enabled():
+  if kind == "max" and window * window < 256 and onednn.used_for(x.dtype):
     return onednn.max_pool(x, window, stride, pad[1:3])  # Faster on CPU: see nin_jax/onednn.py.
   if kind == "max":
     fill = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min

@@ -145,6 +145,11 @@ def enabled() -> bool:
   return reason is None
 
 
+def used_for(dtype) -> bool:
+  """Whether a model computing in `dtype` runs its layers on oneDNN here (float32 only)."""
+  return jnp.dtype(dtype) == jnp.float32 and enabled()
+
+
 @functools.cache
 def _warn_once(reason: str) -> None:
   logging.warning("oneDNN layers unavailable, using XLA's kernels (slower on CPU): %s.", reason)

@@ -233,7 +233,7 @@ def _describe(job: job_lib.Job) -> str:
           f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
           f"({job.num_steps / job.steps_per_epoch:.2f} epochs) on {len(job.devices)} "
           f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)"
-          + (", layers on oneDNN" if c.dtype == "float32" and onednn.enabled() else ""))
+          + (", layers on oneDNN" if onednn.used_for(c.dtype) else ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
