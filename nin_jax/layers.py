@@ -73,7 +73,7 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   reduction over all `window**2` views. Measured in a NIN training step (2 cores,
   float32, the shipped XLA:CPU flags): nin_mnist b64 156.6 -> 143.2 ms, nin_cifar10
   b128 1212 -> 1128 ms, nin_imagenet b32 1186 -> 1109 ms against the 9-view form.
-  Where `onednn.enabled()` (a one-device CPU job), a float32 max pool is oneDNN's instead,
+  Where `onednn.max_pool_used_for` (a one-device CPU job, float32), the pool is oneDNN's instead,
   with the same result (nin_jax/onednn.py).
   """
   _, h, w, _ = x.shape
@@ -84,7 +84,7 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   pad = ((0, 0), (padding, padding + max(extra_h, 0)), (padding, padding + max(extra_w, 0)), (0, 0))
   if kind not in POOL_KINDS:
     raise ValueError(f"Unknown pooling kind {kind!r}; choose 'max' or 'avg'.")
-  if kind == "max" and window * window < 256 and onednn.used_for(x.dtype):
+  if kind == "max" and onednn.max_pool_used_for(window, x.dtype):
     return onednn.max_pool(x, window, stride, pad[1:3])  # Faster on CPU: see nin_jax/onednn.py.
   if kind == "max":
     fill = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
@@ -140,10 +140,10 @@ class MLPConv(nnx.Module):
   def outputs(self, x: jax.Array) -> Iterator[tuple[nnx.Module, jax.Array]]:
     """Each layer with its output (ReLU applied), in order.
 
-    On a CPU where `onednn.enabled()`, each float32 layer is one fused oneDNN call
+    On a CPU where `onednn.used_for(x.dtype)`, each float32 layer is one fused oneDNN call
     (convolution, bias and ReLU; see nin_jax/onednn.py), the same function computed faster.
     """
-    fused = onednn.enabled() and self._fusable(x)
+    fused = onednn.used_for(x.dtype) and self._fusable()
     for layer in self.layers():
       if fused:
         x = onednn.conv_relu(x, *_as_convolution(layer))
@@ -156,11 +156,11 @@ class MLPConv(nnx.Module):
       pass
     return x
 
-  def _fusable(self, x: jax.Array) -> bool:
-    """Float32 throughout, and explicit padding: what the oneDNN layer computes."""
-    arrays = [x] + [p[...] for layer in self.layers() for p in (layer.kernel, layer.bias)]
+  def _fusable(self) -> bool:
+    """Float32 parameters and computation, explicit padding: what the oneDNN layer computes."""
+    params = [p[...] for layer in self.layers() for p in (layer.kernel, layer.bias)]
     return (self.conv.dtype in (None, jnp.float32) and not isinstance(self.conv.padding, str)
-            and all(a.dtype == jnp.float32 for a in arrays))
+            and all(p.dtype == jnp.float32 for p in params))
 
 
 def _as_convolution(layer: nnx.Conv | nnx.Linear):

@@ -150,6 +150,12 @@ def used_for(dtype) -> bool:
   return jnp.dtype(dtype) == jnp.float32 and enabled()
 
 
+def max_pool_used_for(window: int, dtype) -> bool:
+  """Whether a window x window max pool of `dtype` runs on oneDNN here. Its workspace, which
+  `_max_pool` declares as one byte per output, holds bytes only below 256 window elements."""
+  return window * window < 256 and used_for(dtype)
+
+
 @functools.cache
 def _warn_once(reason: str) -> None:
   logging.warning("oneDNN layers unavailable, using XLA's kernels (slower on CPU): %s.", reason)
@@ -224,7 +230,7 @@ def _max_pool_forward(x, window, stride, padding, shape):
 
 def _max_pool_call(x, window, stride, padding, shape, training: bool):
   out = _output_shape(shape, (window, window), (stride, stride), padding, shape[3])
-  # The workspace says which input each output took: one byte per output for 3x3 windows.
+  # The workspace says which input each output took: one byte per output (see max_pool_used_for).
   call = _ffi(_MAX_POOL, jax.ShapeDtypeStruct(out, jnp.float32), jax.ShapeDtypeStruct(out, jnp.uint8))
   return call(x, training=np.int64(training), **_pool_attributes(window, stride, padding))
 

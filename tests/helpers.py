@@ -92,6 +92,12 @@ def run_main(args, cwd=ROOT, **kwargs):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def one_device_env(**extra) -> dict[str, str]:
+  """This process's environment without conftest's 8 virtual devices (a CPU user's one device,
+  where the oneDNN layers run), plus `extra`, for a subprocess."""
+  return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **extra}
+
+
 def run_main_until(args, line_start: str, **kwargs):
   """`run_main(args)` sent SIGTERM once it prints a line starting with `line_start` (training has
   visibly started); returns its exit code, the rest of its stdout, and its stderr."""

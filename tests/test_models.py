@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nin_jax import models
+from tests.helpers import one_device_env
 
 # Parameter counts, derived by hand from the layer widths: ImageNet from the Caffe model
 # zoo's prototxt (its 29 MB float32 snapshot holds 7.6 M parameters), the others from the
@@ -220,7 +221,7 @@ np.savez(sys.argv[2], value, *jax.tree.leaves(grads))
 def test_fast_cpu_fusions_match_the_plain_path(tmp_path):
   """The YNNPACK fusions main.py turns on for speed change only the summation order (on XLA's
   own kernels, which runs over several CPU devices keep: see tests/test_onednn.py)."""
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "NIN_JAX_ONEDNN": "0"}
+  env = one_device_env(NIN_JAX_ONEDNN="0")
   results = {}
   for path in ("plain", "fast"):
     subprocess.run([sys.executable, "-c", _GRADIENTS_SCRIPT, path, str(tmp_path / path)],

@@ -19,8 +19,8 @@ from flax import nnx
 from jax import lax
 
 from nin_jax import layers, models, onednn
-from tests.helpers import (ROOT, flat_params, needs_fmnist, resume_config, run_main, run_main_until,
-                           write_config_file)
+from tests.helpers import (ROOT, flat_params, needs_fmnist, one_device_env, resume_config, run_main,
+                           run_main_until, write_config_file)
 
 pytestmark = pytest.mark.skipif(onednn._load() is not None, reason=f"oneDNN unavailable: {onednn._load()}")
 
@@ -112,26 +112,21 @@ def test_bfloat16_layers_keep_xla(monkeypatch):
   assert "nin_conv_relu_forward" not in targets
 
 
-def _one_device_env(**extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return {**env, **extra}
-
-
 @needs_fmnist
 def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
   """A CPU user's run (one device: the oneDNN layers) killed and resumed equals one straight run."""
   config = resume_config()
   config_file = write_config_file(tmp_path, config)
   straight = run_main(["--config", config_file, "--workdir", str(tmp_path / "straight")],
-                      env=_one_device_env())
+                      env=one_device_env())
   out, err = straight.communicate(timeout=300)
   assert straight.returncode == 0, err
   assert "1 cpu device(s), 1 host(s), layers on oneDNN" in out
 
   workdir = str(tmp_path / "resumed")
-  code, _, err = run_main_until(["--config", config_file, "--workdir", workdir], "step 6/16", env=_one_device_env())
+  code, _, err = run_main_until(["--config", config_file, "--workdir", workdir], "step 6/16", env=one_device_env())
   assert code == 128 + signal.SIGTERM, err
-  resumed = run_main(["--config", config_file, "--workdir", workdir], env=_one_device_env())
+  resumed = run_main(["--config", config_file, "--workdir", workdir], env=one_device_env())
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err
   assert "resumed from the checkpoint at step" in out
@@ -144,7 +139,7 @@ def test_without_a_compiler_training_keeps_xla_after_one_warning(tmp_path):
   script = ("from nin_jax import onednn, models; import jax.numpy as jnp; "
             "m = models.create_model('nin_mnist'); print(onednn.enabled(), m(jnp.ones((1, 28, 28, 1))).shape)")
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                        env=_one_device_env(NIN_JAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"))
+                        env=one_device_env(NIN_JAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"))
   assert done.returncode == 0, done.stderr
   assert done.stdout.split() == ["False", "(1,", "10)"]
   warnings = [line for line in done.stderr.splitlines() if "oneDNN layers unavailable" in line]
