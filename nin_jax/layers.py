@@ -73,8 +73,8 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   reduction over all `window**2` views. Measured in a NIN training step (2 cores,
   float32, the shipped XLA:CPU flags): nin_mnist b64 156.6 -> 143.2 ms, nin_cifar10
   b128 1212 -> 1128 ms, nin_imagenet b32 1186 -> 1109 ms against the 9-view form.
-  Where `onednn.max_pool_used_for` (a one-device CPU job, float32), the pool is oneDNN's instead,
-  with the same result (nin_jax/onednn.py).
+  Where `onednn.max_pool_used_for` (a one-device CPU job, float32 or bfloat16 on a CPU that has
+  it natively), the pool is oneDNN's instead, with the same result (nin_jax/onednn.py).
   """
   _, h, w, _ = x.shape
   out_h = caffe_pool_output_size(h, window, stride, padding)
@@ -140,13 +140,16 @@ class MLPConv(nnx.Module):
   def outputs(self, x: jax.Array) -> Iterator[tuple[nnx.Module, jax.Array]]:
     """Each layer with its output (ReLU applied), in order.
 
-    On a CPU where `onednn.used_for(x.dtype)`, each float32 layer is one fused oneDNN call
-    (convolution, bias and ReLU; see nin_jax/onednn.py), the same function computed faster.
+    On a CPU where `onednn.used_for(x.dtype)`, each layer is one fused oneDNN call
+    (convolution, bias and ReLU; see nin_jax/onednn.py), the same function computed faster;
+    like nnx.Conv and nnx.Linear, it casts the parameters to the compute dtype first.
     """
-    fused = onednn.used_for(x.dtype) and self._fusable()
+    compute = jnp.dtype(self.conv.dtype or jnp.float32)
+    fused = x.dtype == compute and onednn.used_for(compute) and self._fusable()
     for layer in self.layers():
       if fused:
-        x = onednn.conv_relu(x, *_as_convolution(layer))
+        kernel, bias, strides, padding = _as_convolution(layer)
+        x = onednn.conv_relu(x, kernel.astype(compute), bias.astype(compute), strides, padding)
       else:
         x = nnx.relu(layer(x))
       yield layer, x
@@ -157,10 +160,9 @@ class MLPConv(nnx.Module):
     return x
 
   def _fusable(self) -> bool:
-    """Float32 parameters and computation, explicit padding: what the oneDNN layer computes."""
+    """Float32 parameters with biases, explicit padding: what the oneDNN layer computes."""
     params = [p[...] for layer in self.layers() for p in (layer.kernel, layer.bias)]
-    return (self.conv.dtype in (None, jnp.float32) and not isinstance(self.conv.padding, str)
-            and all(p.dtype == jnp.float32 for p in params))
+    return not isinstance(self.conv.padding, str) and all(p.dtype == jnp.float32 for p in params)
 
 
 def _as_convolution(layer: nnx.Conv | nnx.Linear):
