@@ -2,6 +2,7 @@
 
   python -m benchmarks.compare                       # nin_mnist 64, nin_cifar10 128, nin_imagenet 32
   python -m benchmarks.compare --cases nin_cifar10:128 --rounds 3
+  python -m benchmarks.compare --dtype bfloat16         # mixed precision on both sides
 
 Each measurement runs in a process of its own, the two sides alternating (and swapping
 order every round) so that neither gets a quieter machine; the table gives each side's
@@ -18,29 +19,30 @@ import statistics
 import subprocess
 import sys
 
-from nin_jax.benchmark import FLOPS_PER_MULT_ADD
+from nin_jax.benchmark import DTYPE_NAMES, FLOPS_PER_MULT_ADD
 
 DEFAULT_CASES = ("nin_mnist:64", "nin_cifar10:128", "nin_imagenet:32")
 
 
-def _measure(module: str, model: str, batch: int, steps: int, repeats: int) -> dict:
+def _measure(module: str, model: str, batch: int, steps: int, repeats: int, dtype: str) -> dict:
   """The train-step measurement `python -m module` prints (its first JSON line)."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, as a plain run has.
   out = subprocess.run([sys.executable, "-m", module, "--model", model, "--batch_size", str(batch),
-                        "--steps", str(steps), "--repeats", str(repeats)],
+                        "--steps", str(steps), "--repeats", str(repeats), "--dtype", dtype],
                        capture_output=True, text=True, check=True, env=env).stdout
   return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
 
-def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int, say=print) -> list[dict]:
+def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int, dtype: str = "float32",
+            say=print) -> list[dict]:
   sides = {"project": "nin_jax.benchmark", "torch": "benchmarks.torch_nin"}
   speeds = {(case, side): [] for case in cases for side in sides}
   peaks, mult_adds = {case: [] for case in cases}, {}
   for r in range(rounds):
     for case in cases:
       for side in (sides if r % 2 == 0 else reversed(sides)):
-        row = _measure(sides[side], *case, steps, repeats)
+        row = _measure(sides[side], *case, steps, repeats, dtype)
         speeds[case, side].append(row["images_per_sec"])
         if side == "project":  # The backend's matmul peak, measured beside each project run.
           peaks[case].append(row["matmul_peak_flops_per_sec"])
@@ -51,7 +53,7 @@ def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int,
     project, torch = (statistics.median(speeds[case, side]) for side in sides)
     peak = statistics.median(peaks[case])
     share = lambda images_per_sec: FLOPS_PER_MULT_ADD["train_step"] * mult_adds[case] * images_per_sec / peak
-    rows.append({"model": case[0], "batch_size": case[1], "project_images_per_sec": project,
+    rows.append({"model": case[0], "batch_size": case[1], "dtype": dtype, "project_images_per_sec": project,
                  "torch_images_per_sec": torch, "ratio": project / torch, "rounds": rounds,
                  "matmul_peak_flops_per_sec": peak, "project_fraction_of_peak": share(project),
                  "torch_fraction_of_peak": share(torch)})
@@ -59,7 +61,7 @@ def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int,
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| model, batch (train step, float32) | project (img/s) | PyTorch (img/s) | ratio "
+  lines = [f"| model, batch (train step, {rows[0]['dtype']}) | project (img/s) | PyTorch (img/s) | ratio "
            "| project, of matmul peak | PyTorch, of matmul peak | matmul peak |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -75,9 +77,10 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
   args = parser.parse_args(argv)
   cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases]
-  rows = compare(cases, args.rounds, args.steps, args.repeats)
+  rows = compare(cases, args.rounds, args.steps, args.repeats, args.dtype)
   print(markdown(rows))
   for r in rows:
     print(json.dumps(r, sort_keys=True))

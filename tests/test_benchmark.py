@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nin_jax import models
+from nin_jax import benchmark, models
 from tests.helpers import ROOT, needs_fmnist
 
 
@@ -63,7 +63,7 @@ def test_readme_performance_table_is_consistent_with_the_models():
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
   section = readme[readme.index("## Performance"):readme.index("## Notebooks")]
   rows = [line for line in section.splitlines() if line.startswith("| `nin_")]
-  assert len(rows) == 3
+  assert len(rows) == 6  # float32 and bfloat16, three models each
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
     name, batch = re.fullmatch(r"`(\w+)`, (\d+)", cells[0]).groups()
@@ -74,3 +74,7 @@ def test_readme_performance_table_is_consistent_with_the_models():
     mult_adds = models.total_mult_adds(models.abstract_model(name))
     for images_per_sec, share in ((project, project_share), (torch, torch_share)):
       assert 6 * mult_adds * images_per_sec / peak == pytest.approx(share, abs=0.01)
+
+
+def test_benchmark_dtype_names_are_the_models():
+  assert benchmark.DTYPE_NAMES == tuple(models.DTYPES)
