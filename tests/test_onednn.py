@@ -138,7 +138,7 @@ needs_native_bfloat16 = pytest.mark.skipif(
 
 @needs_native_bfloat16
 @pytest.mark.parametrize("batch,size,cin,cout,k,strides,padding", GEOMETRIES)
-def test_bfloat16_layer_rounds_the_exact_result_once(batch, size, cin, cout, k, strides, padding):
+def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(batch, size, cin, cout, k, strides, padding):
   """On bfloat16 operands oneDNN accumulates in float32 and rounds at the end: its forward and
   gradients are the float32 computation on the same values to within bfloat16's rounding
   (2^-8 = 3.9e-3 relative, two roundings at most; measured 1.5e-3 to 3.2e-3 of the largest)."""
@@ -173,6 +173,7 @@ def test_bfloat16_model_is_as_close_to_float32_on_onednn_as_on_xla(name, size, m
   for dtype, use in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
     monkeypatch.setattr(onednn, "enabled", lambda use=use: use)
     step, params = _loss_and_gradients(name, size, dtype)
+    assert ("nin_conv_relu_forward" in str(jax.make_jaxpr(step)(params))) == use
     gradients[dtype, use] = jax.tree.leaves(step(params)[1])
 
   def median_error(dtype, use):
