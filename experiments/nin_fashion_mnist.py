@@ -4,7 +4,7 @@ Command:  python -m nin_jax.main --config experiments/nin_fashion_mnist.py --wor
 Hardware: 2 CPU cores with AMX (an Intel Xeon), no accelerator.
 Data:     Debian's dataset-fashion-mnist (60,000 train / 10,000 test images), else TFDS.
 Expected: 93.89% top-1 on all 10,000 test images for seed 0 (606 s wall clock, 10.1 min)
-          and 93.61% for seed 1 (612 s), on that machine with nothing else running,
+          and 93.61% for seed 1 (629 s), on that machine with nothing else running,
           start-up, compilation and the final evaluation included; train top-1 ~97.8% at
           the end. The layers compute in bfloat16 (parameters float32) through oneDNN's
           AMX kernels (nin_jax/onednn.py), ~1,800 img/s, 2.4x the float32 step. A CPU
