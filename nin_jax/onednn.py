@@ -211,17 +211,18 @@ def conv_relu(x: jax.Array, w: jax.Array, b: jax.Array, strides: tuple[int, int]
 
 def _conv_relu_forward(x, w, b, strides, padding):
   y = conv_relu(x, w, b, strides, padding)
-  return y, (x, w, b, y)
+  return y, (x, w, y)
 
 
 def _conv_relu_backward(strides, padding, residuals, dy):
-  x, w, b, y = residuals
+  x, w, y = residuals
   dz = jnp.where(y > 0, dy, 0.0)  # ReLU's gradient, 0 at 0 as in Caffe and jax.nn.relu.
   geometry = _geometry(strides, padding)
   # The first layer's input gradient is unused: XLA removes that call as dead code.
   dx = _ffi(_BACKWARD_DATA, jax.ShapeDtypeStruct(x.shape, x.dtype))(dz, w, **geometry)
+  # The bias shares the kernel's dtype (the handlers take one dtype per call) and has its width.
   dw, db = _ffi(_BACKWARD_WEIGHTS, jax.ShapeDtypeStruct(w.shape, w.dtype),
-                jax.ShapeDtypeStruct(b.shape, b.dtype))(x, dz, **geometry)
+                jax.ShapeDtypeStruct(w.shape[-1:], w.dtype))(x, dz, **geometry)
   return dx, dw, db
 
 

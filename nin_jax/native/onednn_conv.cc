@@ -285,15 +285,14 @@ struct PoolGeometry {
 std::unique_ptr<Primitive> BuildPool(PoolPass pass, const PoolGeometry& g) {
   const auto prop =
       pass == kPoolInference ? dnnl::prop_kind::forward_inference : dnnl::prop_kind::forward_training;
-  dnnl::pooling_forward::primitive_desc forward(Engine(), prop, dnnl::algorithm::pooling_max,
-                                                Images(g.x, g.type), Images(g.y, g.type), g.strides, g.window, {0, 0}, g.pad_lo, g.pad_hi,
-                                                UserScratchpad());
+  const memory::desc x = Images(g.x, g.type), y = Images(g.y, g.type);
+  dnnl::pooling_forward::primitive_desc forward(Engine(), prop, dnnl::algorithm::pooling_max, x, y, g.strides,
+                                                g.window, {0, 0}, g.pad_lo, g.pad_hi, UserScratchpad());
   auto built = std::make_unique<Primitive>();
   built->aux = forward.workspace_desc();
   if (pass == kPoolBackward) {
-    dnnl::pooling_backward::primitive_desc pd(Engine(), dnnl::algorithm::pooling_max, Images(g.x, g.type),
-                                              Images(g.y, g.type), g.strides, g.window, {0, 0}, g.pad_lo, g.pad_hi, forward,
-                                              UserScratchpad());
+    dnnl::pooling_backward::primitive_desc pd(Engine(), dnnl::algorithm::pooling_max, x, y, g.strides, g.window,
+                                              {0, 0}, g.pad_lo, g.pad_hi, forward, UserScratchpad());
     built->primitive = dnnl::pooling_backward(pd);
     built->scratchpad_bytes = pd.scratchpad_desc().get_size();
   } else {
