@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One-command set-up: the pinned Python packages, plus the offline Fashion-MNIST data
-# (Debian's dataset-fashion-mnist) that the quick start, the tests and CI train on.
+# One-command set-up: the pinned Python packages, the offline Fashion-MNIST data (Debian's
+# dataset-fashion-mnist) that the quick start, the tests and CI train on, and the oneDNN CPU
+# layers (nin_jax/onednn.py), built here so that a broken toolchain fails the set-up with the
+# compiler's first error line instead of leaving training on XLA's slower kernels.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -15,3 +17,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+python -m nin_jax.onednn_build

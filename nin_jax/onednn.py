@@ -2,123 +2,88 @@
 
 XLA:CPU runs convolutions through Eigen and 1x1 layers as dots; in this project's training
 step both ran at 1/2-2/3 of the speed of oneDNN, the library PyTorch's CPU convolutions
-use (Eigen's backward passes, and the dots of the 1x1 layers, which XLA:CPU ran on one
-thread). So on CPU every layer of an mlpconv block goes through `native/onednn_conv.cc`:
-XLA FFI handlers for the forward pass with bias and ReLU fused, and for the backward passes
-(data; weights and bias), joined by a custom VJP; the 1x1 layers are 1x1 convolutions
-there. Max pools go through oneDNN's pooling, whose backward pass reads which input won
-from the forward's workspace. In float32, results differ from the plain XLA path by
-rounding only (another summation order; pools are exact). In bfloat16 (config dtype; the
-parameters stay float32) oneDNN multiplies on AMX tiles where the CPU has them: the
-nin_mnist step ran 2.4x faster than in float32 on a 2-core Xeon, and 5x faster than
-XLA:CPU's own bfloat16 step; each layer accumulates in float32 and rounds its result to
-bfloat16. `tests/test_onednn.py` bounds both per layer geometry and per model. Measured
-speeds (train step, same session): the README's Performance section.
+use, on AVX-512 CPUs (on an AVX2-only Zen 3 the two were within noise of each other). So on
+CPU every layer of an mlpconv block goes through `native/onednn_conv.cc`: XLA FFI handlers
+for the forward pass with bias and ReLU fused, and for the backward passes (data; weights
+and bias), joined by a custom VJP; the 1x1 layers are 1x1 convolutions there. Max pools go
+through oneDNN's pooling, whose backward pass reads which input won from the forward's
+workspace. In float32, results differ from the plain XLA path by rounding only (another
+summation order; pools are exact).
 
-The handlers are compiled with the system C++ compiler against the `onednn-cpu-gomp`
-wheels of requirements.txt and jaxlib's FFI headers, once per source and jaxlib version,
-into `$NIN_JAX_CACHE_DIR` (default ~/.cache/nin_jax; ~5 s). Where that cannot happen (no
+In bfloat16 (config dtype; the parameters stay float32) each layer accumulates in float32
+and rounds its result to bfloat16. Whether oneDNN's bfloat16 kernels are faster than its
+float32 ones is a property of the CPU that ISA names did not predict (AMX: the nin_mnist
+step 2.4x faster than float32; AVX512-BF16 on a Zen 4 EPYC: 2.4x faster too, on a Xeon
+capped to the same ISA: slower; AVX2 only: not implemented), so `dtype_probe` times one
+layer both ways on the CPU at hand. Where the native kernels lose, a bfloat16 layer runs on
+the float32 kernels instead: the products of two bfloat16 numbers are exact in float32, so
+that computes the same function up to summation order, at float32's speed rather than at
+XLA:CPU's bfloat16 speed (~0.7x of float32). `tests/test_onednn.py` bounds both per layer
+geometry and per model. Measured speeds: the README's Performance section.
+
+The path is taken where it is a plain win: a CPU job with one device in all. GPUs and TPUs
+keep XLA's kernels, and so do CPU runs sharded over several devices, as XLA cannot
+partition a custom call. Where the library cannot be built or loaded (`onednn_build`: no
 compiler, no oneDNN, not x86-64 Linux), training runs on XLA's own kernels after one
-warning line. The path is taken where it is a plain win: a CPU job with one device in
-all, float32 layers, or bfloat16 ones on a CPU that multiplies bfloat16 natively
-(`bfloat16_support`). GPUs and TPUs keep XLA's kernels, and so do CPU runs sharded over
-several devices, as XLA cannot partition a custom call. NIN_JAX_ONEDNN=0 turns it off.
+warning line. NIN_JAX_ONEDNN=0 turns it off.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
+import math
 import os
-import shutil
-import site
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from absl import logging
 
+from nin_jax import onednn_build
+
 SWITCH = "NIN_JAX_ONEDNN"
-CACHE_DIR = "NIN_JAX_CACHE_DIR"
-SOURCE = Path(__file__).with_name("native") / "onednn_conv.cc"
+Unavailable = onednn_build.Unavailable
 # FFI targets, and the handler symbol of each in the library.
 _FORWARD = "nin_conv_relu_forward"
 _BACKWARD_DATA = "nin_conv_backward_data"
 _BACKWARD_WEIGHTS = "nin_conv_backward_weights"
 _MAX_POOL = "nin_max_pool_forward"
 _MAX_POOL_BACKWARD = "nin_max_pool_backward"
-BFLOAT16_AVX512, BFLOAT16_AMX = 1, 2  # bfloat16_support() levels
 _HANDLERS = {_FORWARD: "NinConvReluForward", _BACKWARD_DATA: "NinConvBackwardData",
              _BACKWARD_WEIGHTS: "NinConvBackwardWeights", _MAX_POOL: "NinMaxPoolForward",
              _MAX_POOL_BACKWARD: "NinMaxPoolBackward"}
 _lock = threading.Lock()
 
 
-class Unavailable(RuntimeError):
-  """Why the oneDNN library cannot be built or loaded here."""
+def usable_cpus() -> int:
+  """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota.
 
-
-def _onednn_prefix() -> Path:
-  """The install prefix whose include/ and lib/ hold the oneDNN wheels' files."""
-  for prefix in (sys.prefix, site.getuserbase()):
-    files = (Path(prefix) / "include/oneapi/dnnl/dnnl.hpp", Path(prefix) / "lib/libdnnl.so")
-    if all(f.exists() for f in files):
-      return Path(prefix)
-  raise Unavailable("oneDNN is not installed (pip install -r requirements.txt brings it on x86-64 Linux)")
-
-
-def _cache_dir() -> Path:
-  configured = os.environ.get(CACHE_DIR)
-  if configured:
-    return Path(configured)
-  home_cache = Path.home() / ".cache" / "nin_jax"
-  try:
-    home_cache.mkdir(parents=True, exist_ok=True)
-    return home_cache
-  except OSError:
-    return Path(tempfile.gettempdir()) / "nin_jax"
-
-
-def build_library() -> Path:
-  """Compiles the handler once per source, jaxlib and oneDNN; returns the shared library.
-
-  The name carries a hash of everything that goes into the build, so a changed source or
-  upgraded jaxlib builds anew, and the file appears by an atomic rename, so processes that
-  start together never load a half-written library.
+  OpenMP sizes its teams from the affinity mask alone, which a container's quota (e.g. 4
+  CPUs' worth of time on a 64-core host) does not narrow: 64 spinning threads then share
+  the time of 4.
   """
-  prefix = _onednn_prefix()
-  wanted = os.environ.get("CXX")
-  compiler = shutil.which(wanted) if wanted else shutil.which("c++") or shutil.which("g++")
-  if compiler is None:
-    raise Unavailable(f"C++ compiler {wanted!r} not found" if wanted
-                      else "no C++ compiler (install g++ or set CXX)")
-  recipe = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-            f"-I{prefix / 'include'}", str(SOURCE), f"-L{prefix / 'lib'}", "-ldnnl",
-            f"-Wl,-rpath,{prefix / 'lib'}"]
-  digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([jaxlib.__version__, *recipe]).encode())
-  library = _cache_dir() / f"onednn_conv-{digest.hexdigest()[:16]}.so"
-  if library.exists():
-    return library
-  library.parent.mkdir(parents=True, exist_ok=True)
-  partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
-  done = subprocess.run([*recipe, "-o", str(partial)], capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    partial.unlink(missing_ok=True)
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    raise Unavailable(f"compiling {SOURCE.name} failed: {last}")
-  os.replace(partial, library)
-  return library
+  count = _affinity()
+  quota = _cgroup_quota(Path("/sys/fs/cgroup"))
+  return max(1, min(count, math.ceil(quota))) if quota else count
 
 
-_loaded: list[str | None] = []  # after the first _load(): [None], or [why it failed]
-_bfloat16_support: list[int] = []  # after a successful _load(): [NinBfloat16Support()]
+def _affinity() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+  """CPUs' worth of time a cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`) quota allows; None if unlimited."""
+  try:
+    if (root / "cpu.max").exists():
+      limit, period = (root / "cpu.max").read_text().split()[:2]
+      return None if limit == "max" else int(limit) / int(period)
+    limit = int((root / "cpu/cpu.cfs_quota_us").read_text())
+    period = int((root / "cpu/cpu.cfs_period_us").read_text())
+    return None if limit <= 0 else limit / period
+  except (OSError, ValueError):
+    return None
 
 
 def _load() -> str | None:
@@ -129,16 +94,21 @@ def _load() -> str | None:
     return _loaded[0]
 
 
+_loaded: list[str | None] = []  # after the first _load(): [None], or [why it failed]
+library_name: list[str] = []  # after a successful _load(): the library's file name
+
+
 def _build_and_register() -> str | None:
-  if sys.platform != "linux" or os.uname().machine != "x86_64":
-    return f"oneDNN wheels exist for x86-64 Linux only, not {sys.platform}/{os.uname().machine}"
   try:
-    library = ctypes.cdll.LoadLibrary(str(build_library()))
-    for target, symbol in _HANDLERS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  except (Unavailable, OSError) as error:
+    library = onednn_build.load()
+  except Unavailable as error:
     return str(error)
-  _bfloat16_support.append(library.NinBfloat16Support())
+  for target, symbol in _HANDLERS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  # Only where a quota narrows the affinity mask (OpenMP's own default) and the user set no count.
+  if "OMP_NUM_THREADS" not in os.environ and usable_cpus() < _affinity():
+    library.NinSetThreads(usable_cpus())
+  library_name.append(Path(library._name).name)  # pylint: disable=protected-access
   return None
 
 
@@ -152,26 +122,23 @@ def enabled() -> bool:
   return reason is None
 
 
-def bfloat16_support() -> int:
-  """How oneDNN multiplies bfloat16 on this CPU: `BFLOAT16_AMX` (tiles: the NIN step ~2.4x
-  faster than in float32), `BFLOAT16_AVX512` (dot-product instructions: convolutions at about
-  half their float32 speed), else 0 (emulated), and 0 wherever `enabled()` is false."""
-  return _bfloat16_support[0] if enabled() else 0
-
-
 def used_for(dtype) -> bool:
-  """Whether a model computing in `dtype` runs its layers on oneDNN here: float32, and
-  bfloat16 on CPUs that multiply it natively (XLA:CPU's bfloat16 step is ~5x slower)."""
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return enabled()
-  return dtype == jnp.bfloat16 and bfloat16_support() >= BFLOAT16_AVX512
+  """Whether a model computing in `dtype` runs its layers on oneDNN here (float32 or bfloat16)."""
+  return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and enabled()
 
 
 def max_pool_used_for(window: int, dtype) -> bool:
   """Whether a window x window max pool of `dtype` runs on oneDNN here. Its workspace, which
   `_max_pool` declares as one byte per output, holds bytes only below 256 window elements."""
   return window * window < 256 and used_for(dtype)
+
+
+def _in_float32_math(dtype) -> bool:
+  """Whether a layer of `dtype` runs on the float32 kernels (bfloat16 where the native ones lose)."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return False
+  from nin_jax import dtype_probe  # pylint: disable=g-import-not-at-top  (it times this module's layers)
+  return not dtype_probe.onednn_bfloat16_native()
 
 
 @functools.cache
@@ -200,17 +167,38 @@ def _ffi(target: str, *results: jax.ShapeDtypeStruct):
   return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0], vmap_method="sequential")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def conv_relu(x: jax.Array, w: jax.Array, b: jax.Array, strides: tuple[int, int],
               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   """relu(conv(x, w) + b) for NHWC images and an HWIO kernel, in one oneDNN call; x, w and b
   share one dtype, float32 or bfloat16 (accumulated in float32 either way)."""
+  if _in_float32_math(x.dtype):
+    f32 = jnp.float32
+    return native_conv_relu(x.astype(f32), w.astype(f32), b.astype(f32), strides, padding).astype(x.dtype)
+  return native_conv_relu(x, w, b, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def native_conv_relu(x, w, b, strides, padding):
+  """`conv_relu` on the kernels of x's own dtype, whatever `dtype_probe` measured."""
+  _check_layer(x, w, b, strides, padding)
   y = jax.ShapeDtypeStruct(_output_shape(x.shape, w.shape[:2], strides, padding, w.shape[3]), x.dtype)
   return _ffi(_FORWARD, y)(x, w, b, **_geometry(strides, padding))
 
 
+def _check_layer(x, w, b, strides, padding) -> None:
+  """The shapes one layer needs, as a Python error (the handler checks them again)."""
+  if x.ndim != 4 or w.ndim != 4 or b.shape != w.shape[-1:] or x.shape[-1] != w.shape[2]:
+    raise ValueError(f"conv_relu needs NHWC images, an HWIO kernel whose input channels are the images' "
+                     f"and a bias per output channel; got images {x.shape}, kernel {w.shape}, bias {b.shape}")
+  if min(strides) < 1 or min(p for pair in padding for p in pair) < 0:
+    raise ValueError(f"conv_relu needs strides >= 1 and padding >= 0; got {strides} and {padding}")
+  if not x.dtype == w.dtype == b.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"conv_relu needs images, kernel and bias all float32 or all bfloat16; got "
+                     f"{x.dtype}, {w.dtype} and {b.dtype}")
+
+
 def _conv_relu_forward(x, w, b, strides, padding):
-  y = conv_relu(x, w, b, strides, padding)
+  y = native_conv_relu(x, w, b, strides, padding)
   return y, (x, w, y)
 
 
@@ -226,12 +214,15 @@ def _conv_relu_backward(strides, padding, residuals, dy):
   return dx, dw, db
 
 
-conv_relu.defvjp(_conv_relu_forward, _conv_relu_backward)
+native_conv_relu.defvjp(_conv_relu_forward, _conv_relu_backward)
 
 
 def max_pool(x: jax.Array, window: int, stride: int,
              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """A window x window max pool of float32 or bfloat16 NHWC images, in oneDNN; padding never wins."""
+  """A window x window max pool of float32 or bfloat16 NHWC images, in oneDNN; padding never wins.
+  Exact in either dtype, so bfloat16 runs on the float32 kernels wherever its layers do."""
+  if _in_float32_math(x.dtype):
+    return _max_pool(x.astype(jnp.float32), window, stride, padding, x.shape).astype(x.dtype)
   return _max_pool(x, window, stride, padding, x.shape)
 
 

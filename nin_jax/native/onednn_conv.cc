@@ -3,8 +3,9 @@
 // oneDNN's speed in this project's training step on AVX-512.
 //
 // Images are NHWC, kernels HWIO (a 1x1 layer is a 1x1 kernel), all operands of one call either
-// float32 or bfloat16 (on AMX tiles oneDNN's bfloat16 convolutions ran 4-9x faster than its
-// float32 ones here; see NinBfloat16Support), accumulated in float32 either way:
+// float32 or bfloat16, accumulated in float32 either way. Whether oneDNN's bfloat16 kernels
+// beat its float32 ones depends on the CPU (AMX tiles: 4-9x faster; AVX512-BF16 on Zen 4:
+// faster; AVX2 only: not implemented), so nin_jax/onednn.py times both before it uses them:
 //   NinConvReluForward          (x, w, b) -> y = relu(conv(x, w) + b), bias and ReLU fused
 //   NinConvBackwardData         (dz, w)   -> dx
 //   NinConvBackwardWeights      (x, dz)   -> (dw, db)
@@ -17,6 +18,8 @@
 // two at once, so every primitive takes a user scratchpad (oneDNN's own is shared by all
 // primitives and tied to the creating thread) from buffers private to the calling thread,
 // which also hold the reordered kernel and are reused from call to call.
+#include <omp.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -109,8 +112,25 @@ void Execute(const Primitive& p, Args args, dnnl::stream& stream) {
   p.primitive.execute(stream, args);
 }
 
-ffi::Error Failure(const std::exception& error) {
-  return ffi::Error::Internal(std::string("nin_jax oneDNN: ") + error.what());
+// Runs a handler's body, turning any exception (oneDNN's, a failed allocation, anything else)
+// into an FFI error: an exception that left the handler would end the process in std::terminate.
+template <typename Body>
+ffi::Error Guarded(Body body) {
+  try {
+    return body();
+  } catch (const std::exception& error) {
+    return ffi::Error::Internal(std::string("nin_jax oneDNN: ") + error.what());
+  } catch (...) {
+    return ffi::Error::Internal("nin_jax oneDNN: an unknown C++ exception");
+  }
+}
+
+// The OpenMP team oneDNN opens in each call: the CPUs this process may use (its affinity mask
+// and any cgroup quota, counted by nin_jax/onednn.py), not every CPU the machine has.
+int threads = 0;  // 0: OpenMP's own default
+
+void UseThreads() {
+  if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(threads);
 }
 
 // ---- Convolutions -------------------------------------------------------------------------
@@ -185,41 +205,58 @@ bool SharedType(std::initializer_list<ffi::DataType> types, memory::data_type* o
   return OneDnnType(*types.begin(), out);
 }
 
-// NHWC/HWIO dims to oneDNN's logical order; false if a rank is not 4.
-bool MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
-                  int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                  int64_t pad_left, int64_t pad_right, Geometry* g) {
-  if (x.size() != 4 || w.size() != 4 || y.size() != 4) return false;
+// A window's output size along one axis (floor rounding, as XLA and Caffe's convolutions).
+int64_t OutputSize(int64_t size, int64_t window, int64_t stride, int64_t pad_lo, int64_t pad_hi) {
+  return (size + pad_lo + pad_hi - window) / stride + 1;
+}
+
+// NHWC/HWIO dims to oneDNN's logical order, or why they do not make one layer: ranks other
+// than 4, a stride below 1, negative padding, or sizes that disagree (batch, channels, the
+// output's height and width, the bias's width). oneDNN reads and writes raw pointers of the
+// sizes it is told, so each operand is checked here, not trusted.
+std::string MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y,
+                         size_t bias_elements, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                         int64_t pad_bottom, int64_t pad_left, int64_t pad_right, Geometry* g) {
+  if (x.size() != 4 || w.size() != 4 || y.size() != 4)
+    return "operands must be NHWC images and an HWIO kernel";
+  if (stride_h < 1 || stride_w < 1 || pad_top < 0 || pad_bottom < 0 || pad_left < 0 || pad_right < 0)
+    return "strides must be at least 1 and padding at least 0";
+  if (x[0] != y[0] || x[3] != w[2] || y[3] != w[3])
+    return "the images' batch or channels do not match the kernel's input and output channels";
+  if (y[1] != OutputSize(x[1], w[0], stride_h, pad_top, pad_bottom) ||
+      y[2] != OutputSize(x[2], w[1], stride_w, pad_left, pad_right))
+    return "the output's height or width is not what the kernel, strides and padding give";
+  if (bias_elements != static_cast<size_t>(w[3]))
+    return "the bias (or its gradient) must have one element per output channel";
   *g = Geometry{{x[0], x[3], x[1], x[2]}, {w[3], w[2], w[0], w[1]}, {y[0], y[3], y[1], y[2]},
                 {stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right}, memory::data_type::f32};
-  return true;
+  return "";
 }
 
 // Runs one pass; `w` is the caller's HWIO kernel (read, or written by the weights pass).
 ffi::Error RunConvolution(Pass pass, const Geometry& g, void* w, Args args, int w_arg) {
-  try {
-    const std::string name = std::string(pass == kForward ? "f" : pass == kBackwardData ? "d" : "w") +
-                             std::to_string(static_cast<int>(g.type));
-    const Primitive& p = Lookup(Key(name.c_str(), {&g.x, &g.w, &g.y, &g.strides, &g.pad_lo, &g.pad_hi}),
-                                [&] { return BuildConvolution(pass, g); });
-    memory user_w(UserKernel(g), Engine(), w);
-    memory w_mem = p.has_reorder ? memory(p.aux, Engine(), CallBuffer(kKernel, p.aux.get_size())) : user_w;
-    dnnl::stream stream(Engine());
-    if (p.has_reorder && pass != kBackwardWeights)
-      p.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, w_mem}});
-    args[w_arg] = w_mem;
-    Execute(p, args, stream);
-    if (p.has_reorder && pass == kBackwardWeights)
-      p.reorder.execute(stream, {{DNNL_ARG_FROM, w_mem}, {DNNL_ARG_TO, user_w}});
-    stream.wait();
-  } catch (const std::exception& error) {
-    return Failure(error);
-  }
+  UseThreads();
+  const std::string name = std::string(pass == kForward ? "f" : pass == kBackwardData ? "d" : "w") +
+                           std::to_string(static_cast<int>(g.type));
+  const Primitive& p = Lookup(Key(name.c_str(), {&g.x, &g.w, &g.y, &g.strides, &g.pad_lo, &g.pad_hi}),
+                              [&] { return BuildConvolution(pass, g); });
+  memory user_w(UserKernel(g), Engine(), w);
+  memory w_mem = p.has_reorder ? memory(p.aux, Engine(), CallBuffer(kKernel, p.aux.get_size())) : user_w;
+  dnnl::stream stream(Engine());
+  if (p.has_reorder && pass != kBackwardWeights)
+    p.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, w_mem}});
+  args[w_arg] = w_mem;
+  Execute(p, args, stream);
+  if (p.has_reorder && pass == kBackwardWeights)
+    p.reorder.execute(stream, {{DNNL_ARG_FROM, w_mem}, {DNNL_ARG_TO, user_w}});
+  stream.wait();
   return ffi::Error::Success();
 }
 
-const char kRankError[] = "nin_jax oneDNN layer: operands must be NHWC images and an HWIO kernel";
-const char kTypeError[] = "nin_jax oneDNN layer: operands must all be float32 or all bfloat16";
+ffi::Error LayerError(const std::string& why) {
+  return ffi::Error::InvalidArgument("nin_jax oneDNN layer: " + why);
+}
+const char kTypeError[] = "operands must all be float32 or all bfloat16";
 
 using Float = ffi::AnyBuffer;  // float32 or bfloat16, checked by SharedType
 using FloatResult = ffi::Result<ffi::AnyBuffer>;
@@ -227,47 +264,54 @@ using U8 = ffi::Buffer<ffi::U8>;
 
 ffi::Error Forward(Float x, Float w, Float b, FloatResult y, int64_t stride_h, int64_t stride_w,
                    int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  Geometry g;
-  if (!MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), stride_h, stride_w, pad_top,
-                    pad_bottom, pad_left, pad_right, &g))
-    return ffi::Error::InvalidArgument(kRankError);
-  if (!SharedType({x.element_type(), w.element_type(), b.element_type(), y->element_type()}, &g.type))
-    return ffi::Error::InvalidArgument(kTypeError);
-  dnnl::engine& e = Engine();
-  Args args{{DNNL_ARG_SRC, memory(Images(g.x, g.type), e, x.untyped_data())},
-            {DNNL_ARG_BIAS, memory(Bias(g), e, b.untyped_data())},
-            {DNNL_ARG_DST, memory(Images(g.y, g.type), e, y->untyped_data())}};
-  return RunConvolution(kForward, g, w.untyped_data(), args, DNNL_ARG_WEIGHTS);
+  return Guarded([&] {
+    Geometry g;
+    const std::string bad = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), b.element_count(),
+                                         stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, &g);
+    if (!bad.empty()) return LayerError(bad);
+    if (!SharedType({x.element_type(), w.element_type(), b.element_type(), y->element_type()}, &g.type))
+      return LayerError(kTypeError);
+    dnnl::engine& e = Engine();
+    Args args{{DNNL_ARG_SRC, memory(Images(g.x, g.type), e, x.untyped_data())},
+              {DNNL_ARG_BIAS, memory(Bias(g), e, b.untyped_data())},
+              {DNNL_ARG_DST, memory(Images(g.y, g.type), e, y->untyped_data())}};
+    return RunConvolution(kForward, g, w.untyped_data(), args, DNNL_ARG_WEIGHTS);
+  });
 }
 
 ffi::Error BackwardData(Float dz, Float w, FloatResult dx, int64_t stride_h, int64_t stride_w,
                         int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  Geometry g;
-  if (!MakeGeometry(dx->dimensions(), w.dimensions(), dz.dimensions(), stride_h, stride_w, pad_top,
-                    pad_bottom, pad_left, pad_right, &g))
-    return ffi::Error::InvalidArgument(kRankError);
-  if (!SharedType({dz.element_type(), w.element_type(), dx->element_type()}, &g.type))
-    return ffi::Error::InvalidArgument(kTypeError);
-  dnnl::engine& e = Engine();
-  Args args{{DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), e, dz.untyped_data())},
-            {DNNL_ARG_DIFF_SRC, memory(Images(g.x, g.type), e, dx->untyped_data())}};
-  return RunConvolution(kBackwardData, g, w.untyped_data(), args, DNNL_ARG_WEIGHTS);
+  return Guarded([&] {
+    Geometry g;
+    const std::string bad = MakeGeometry(dx->dimensions(), w.dimensions(), dz.dimensions(),
+                                         static_cast<size_t>(w.dimensions().back()), stride_h, stride_w,
+                                         pad_top, pad_bottom, pad_left, pad_right, &g);
+    if (!bad.empty()) return LayerError(bad);
+    if (!SharedType({dz.element_type(), w.element_type(), dx->element_type()}, &g.type))
+      return LayerError(kTypeError);
+    dnnl::engine& e = Engine();
+    Args args{{DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), e, dz.untyped_data())},
+              {DNNL_ARG_DIFF_SRC, memory(Images(g.x, g.type), e, dx->untyped_data())}};
+    return RunConvolution(kBackwardData, g, w.untyped_data(), args, DNNL_ARG_WEIGHTS);
+  });
 }
 
 ffi::Error BackwardWeights(Float x, Float dz, FloatResult dw, FloatResult db, int64_t stride_h,
                            int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                            int64_t pad_right) {
-  Geometry g;
-  if (!MakeGeometry(x.dimensions(), dw->dimensions(), dz.dimensions(), stride_h, stride_w, pad_top,
-                    pad_bottom, pad_left, pad_right, &g))
-    return ffi::Error::InvalidArgument(kRankError);
-  if (!SharedType({x.element_type(), dz.element_type(), dw->element_type(), db->element_type()}, &g.type))
-    return ffi::Error::InvalidArgument(kTypeError);
-  dnnl::engine& e = Engine();
-  Args args{{DNNL_ARG_SRC, memory(Images(g.x, g.type), e, x.untyped_data())},
-            {DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), e, dz.untyped_data())},
-            {DNNL_ARG_DIFF_BIAS, memory(Bias(g), e, db->untyped_data())}};
-  return RunConvolution(kBackwardWeights, g, dw->untyped_data(), args, DNNL_ARG_DIFF_WEIGHTS);
+  return Guarded([&] {
+    Geometry g;
+    const std::string bad = MakeGeometry(x.dimensions(), dw->dimensions(), dz.dimensions(), db->element_count(),
+                                         stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, &g);
+    if (!bad.empty()) return LayerError(bad);
+    if (!SharedType({x.element_type(), dz.element_type(), dw->element_type(), db->element_type()}, &g.type))
+      return LayerError(kTypeError);
+    dnnl::engine& e = Engine();
+    Args args{{DNNL_ARG_SRC, memory(Images(g.x, g.type), e, x.untyped_data())},
+              {DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), e, dz.untyped_data())},
+              {DNNL_ARG_DIFF_BIAS, memory(Bias(g), e, db->untyped_data())}};
+    return RunConvolution(kBackwardWeights, g, dw->untyped_data(), args, DNNL_ARG_DIFF_WEIGHTS);
+  });
 }
 
 // ---- Max pooling --------------------------------------------------------------------------
@@ -302,69 +346,77 @@ std::unique_ptr<Primitive> BuildPool(PoolPass pass, const PoolGeometry& g) {
   return built;
 }
 
-bool MakePoolGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t window,
-                      int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                      int64_t pad_left, int64_t pad_right, PoolGeometry* g) {
-  if (x.size() != 4 || y.size() != 4) return false;
+// The pool's dims in oneDNN's order, or why they do not make one pool (as MakeGeometry).
+std::string MakePoolGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t window,
+                             int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
+                             int64_t pad_left, int64_t pad_right, PoolGeometry* g) {
+  if (x.size() != 4 || y.size() != 4) return "operands must be NHWC images";
+  if (window < 1 || stride_h < 1 || stride_w < 1 || pad_top < 0 || pad_bottom < 0 || pad_left < 0 ||
+      pad_right < 0)
+    return "the window and strides must be at least 1 and padding at least 0";
+  if (x[0] != y[0] || x[3] != y[3] || y[1] != OutputSize(x[1], window, stride_h, pad_top, pad_bottom) ||
+      y[2] != OutputSize(x[2], window, stride_w, pad_left, pad_right))
+    return "the output's shape is not what the window, strides and padding give";
   *g = PoolGeometry{{x[0], x[3], x[1], x[2]}, {y[0], y[3], y[1], y[2]}, {window, window},
                     {stride_h, stride_w}, {pad_top, pad_left}, {pad_bottom, pad_right},
                     memory::data_type::f32};
-  return true;
+  return "";
+}
+
+ffi::Error PoolError(const std::string& why) {
+  return ffi::Error::InvalidArgument("nin_jax oneDNN max pool: " + why);
 }
 
 ffi::Error RunPool(PoolPass pass, const PoolGeometry& g, size_t workspace_bytes, Args args,
                    uint8_t* workspace) {
-  try {
-    const std::string name = "p" + std::to_string(pass) + "," + std::to_string(static_cast<int>(g.type));
-    const Primitive& p = Lookup(Key(name.c_str(), {&g.x, &g.y, &g.window, &g.strides, &g.pad_lo, &g.pad_hi}),
-                                [&] { return BuildPool(pass, g); });
-    if (pass != kPoolInference) {
-      if (p.aux.get_size() != workspace_bytes)
-        return ffi::Error::Internal("nin_jax oneDNN max pool: a workspace of " +
-                                    std::to_string(p.aux.get_size()) + " bytes, not one byte per output");
-      args[DNNL_ARG_WORKSPACE] = memory(p.aux, Engine(), workspace);
-    }
-    dnnl::stream stream(Engine());
-    Execute(p, args, stream);
-    stream.wait();
-  } catch (const std::exception& error) {
-    return Failure(error);
+  UseThreads();
+  const std::string name = "p" + std::to_string(pass) + "," + std::to_string(static_cast<int>(g.type));
+  const Primitive& p = Lookup(Key(name.c_str(), {&g.x, &g.y, &g.window, &g.strides, &g.pad_lo, &g.pad_hi}),
+                              [&] { return BuildPool(pass, g); });
+  if (pass != kPoolInference) {
+    if (p.aux.get_size() != workspace_bytes)
+      return PoolError("a workspace of " + std::to_string(p.aux.get_size()) + " bytes, not one byte per output");
+    args[DNNL_ARG_WORKSPACE] = memory(p.aux, Engine(), workspace);
   }
+  dnnl::stream stream(Engine());
+  Execute(p, args, stream);
+  stream.wait();
   return ffi::Error::Success();
 }
 
-const char kPoolRankError[] = "nin_jax oneDNN max pool: operands must be NHWC images";
-const char kPoolTypeError[] = "nin_jax oneDNN max pool: images must both be float32 or both bfloat16";
+const char kPoolTypeError[] = "images must both be float32 or both bfloat16";
 
 // Without `training`, the workspace is left unwritten (an evaluation needs no backward pass).
 ffi::Error MaxPoolForward(Float x, FloatResult y, ffi::ResultBuffer<ffi::U8> workspace, int64_t window,
                           int64_t training, int64_t stride_h, int64_t stride_w, int64_t pad_top,
                           int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
-  PoolGeometry g;
-  if (!MakePoolGeometry(x.dimensions(), y->dimensions(), window, stride_h, stride_w, pad_top, pad_bottom,
-                        pad_left, pad_right, &g))
-    return ffi::Error::InvalidArgument(kPoolRankError);
-  if (!SharedType({x.element_type(), y->element_type()}, &g.type))
-    return ffi::Error::InvalidArgument(kPoolTypeError);
-  return RunPool(training ? kPoolTraining : kPoolInference, g, workspace->element_count(),
-                 {{DNNL_ARG_SRC, memory(Images(g.x, g.type), Engine(), x.untyped_data())},
-                  {DNNL_ARG_DST, memory(Images(g.y, g.type), Engine(), y->untyped_data())}},
-                 workspace->typed_data());
+  return Guarded([&] {
+    PoolGeometry g;
+    const std::string bad = MakePoolGeometry(x.dimensions(), y->dimensions(), window, stride_h, stride_w,
+                                             pad_top, pad_bottom, pad_left, pad_right, &g);
+    if (!bad.empty()) return PoolError(bad);
+    if (!SharedType({x.element_type(), y->element_type()}, &g.type)) return PoolError(kPoolTypeError);
+    return RunPool(training ? kPoolTraining : kPoolInference, g, workspace->element_count(),
+                   {{DNNL_ARG_SRC, memory(Images(g.x, g.type), Engine(), x.untyped_data())},
+                    {DNNL_ARG_DST, memory(Images(g.y, g.type), Engine(), y->untyped_data())}},
+                   workspace->typed_data());
+  });
 }
 
 ffi::Error MaxPoolBackward(Float dy, U8 workspace, FloatResult dx, int64_t window, int64_t stride_h,
                            int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                            int64_t pad_right) {
-  PoolGeometry g;
-  if (!MakePoolGeometry(dx->dimensions(), dy.dimensions(), window, stride_h, stride_w, pad_top, pad_bottom,
-                        pad_left, pad_right, &g))
-    return ffi::Error::InvalidArgument(kPoolRankError);
-  if (!SharedType({dy.element_type(), dx->element_type()}, &g.type))
-    return ffi::Error::InvalidArgument(kPoolTypeError);
-  return RunPool(kPoolBackward, g, workspace.element_count(),
-                 {{DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), Engine(), dy.untyped_data())},
-                  {DNNL_ARG_DIFF_SRC, memory(Images(g.x, g.type), Engine(), dx->untyped_data())}},
-                 workspace.typed_data());
+  return Guarded([&] {
+    PoolGeometry g;
+    const std::string bad = MakePoolGeometry(dx->dimensions(), dy.dimensions(), window, stride_h, stride_w,
+                                             pad_top, pad_bottom, pad_left, pad_right, &g);
+    if (!bad.empty()) return PoolError(bad);
+    if (!SharedType({dy.element_type(), dx->element_type()}, &g.type)) return PoolError(kPoolTypeError);
+    return RunPool(kPoolBackward, g, workspace.element_count(),
+                   {{DNNL_ARG_DIFF_DST, memory(Images(g.y, g.type), Engine(), dy.untyped_data())},
+                    {DNNL_ARG_DIFF_SRC, memory(Images(g.x, g.type), Engine(), dx->untyped_data())}},
+                   workspace.typed_data());
+  });
 }
 
 // The geometry attributes every handler takes, after its buffers.
@@ -394,14 +446,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NinMaxPoolBackward, MaxPoolBackward,
                               WithGeometry(ffi::Ffi::Bind().Arg<Float>().Arg<U8>().Ret<Float>()
                                                .Attr<int64_t>("window")));
 
-// How this CPU multiplies bfloat16 in oneDNN: 2 with AMX tiles, 1 with AVX512-BF16 only (about
-// half of float32's speed there, measured on a Xeon with AMX limited to AVX512-BF16), 0 emulated
-// or not at all (slower still).
-extern "C" int NinBfloat16Support() {
-  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
-  auto has = [isa](dnnl::cpu_isa wanted) {
-    const auto bits = static_cast<unsigned>(wanted);
-    return (isa & bits) == bits;
-  };
-  return has(dnnl::cpu_isa::avx512_core_amx) ? 2 : has(dnnl::cpu_isa::avx512_core_bf16) ? 1 : 0;
+// The OpenMP threads of every later call (see UseThreads); nin_jax/onednn.py calls it once.
+extern "C" void NinSetThreads(int count) { threads = count; }
+
+// oneDNN's version, major * 10000 + minor * 100 + patch: what the library was built against
+// must be what it runs with (nin_jax/onednn.py rebuilds when they differ).
+extern "C" int NinOneDnnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return static_cast<int>(v->major * 10000 + v->minor * 100 + v->patch);
 }
