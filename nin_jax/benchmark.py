@@ -84,7 +84,8 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of an n x n matmul on the default backend: what the hardware gives dense math here.
 
   Where the layers run on oneDNN, the faster of XLA's matmul and oneDNN's (as a 1x1
-  convolution): XLA:CPU does not use AMX tiles, so its bfloat16 matmul understates the peak.
+  convolution, on the kernels a layer of `dtype` takes here): XLA:CPU does not use AMX
+  tiles, so its bfloat16 matmul understates the peak.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -73,8 +73,8 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   reduction over all `window**2` views. Measured in a NIN training step (2 cores,
   float32, the shipped XLA:CPU flags): nin_mnist b64 156.6 -> 143.2 ms, nin_cifar10
   b128 1212 -> 1128 ms, nin_imagenet b32 1186 -> 1109 ms against the 9-view form.
-  Where `onednn.max_pool_used_for` (a one-device CPU job, float32 or bfloat16 on a CPU that has
-  it natively), the pool is oneDNN's instead, with the same result (nin_jax/onednn.py).
+  Where `onednn.max_pool_used_for` (a one-device CPU job, float32 or bfloat16), the pool is
+  oneDNN's instead, with the same result (nin_jax/onednn.py).
   """
   _, h, w, _ = x.shape
   out_h = caffe_pool_output_size(h, window, stride, padding)

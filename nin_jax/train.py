@@ -29,8 +29,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, input_pipeline, job as job_lib, lineage, lock, onednn, optim,
-                     preemption, reporting, train_metrics, workdir as workdir_lib)
+from nin_jax import (checkpointing, dtype_probe, input_pipeline, job as job_lib, lineage, lock, onednn,
+                     optim, preemption, reporting, train_metrics, workdir as workdir_lib)
 from nin_jax.errors import Interrupted
 
 
@@ -233,16 +233,9 @@ def _describe(job: job_lib.Job) -> str:
           f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
           f"({job.num_steps / job.steps_per_epoch:.2f} epochs) on {len(job.devices)} "
           f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)"
-          + (", layers on oneDNN" if onednn.used_for(c.dtype) else ""))
-
-
-def _slow_dtype_advice(job: job_lib.Job) -> str | None:
-  """A line for a bfloat16 run on a CPU that computes it slower than float32 (no AMX)."""
-  if (jnp.dtype(job.config.dtype) != jnp.bfloat16 or job.devices[0].platform != "cpu"
-      or onednn.bfloat16_support() == onednn.BFLOAT16_AMX):
-    return None
-  return ("note: without AMX (or on several CPU devices) this CPU computes bfloat16 layers slower "
-          "than float32 ones; --config.dtype=float32 trains faster here.")
+          + (", layers on oneDNN" if onednn.used_for(c.dtype) else "")
+          + (f", bfloat16 layers on {dtype_probe.bfloat16_kernels()}"
+             if jnp.dtype(c.dtype) == jnp.bfloat16 and job.devices[0].platform == "cpu" else ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -293,7 +286,7 @@ def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float
     else:
       record()
     reporter.print(_describe(job))
-    advice = _slow_dtype_advice(job)
+    advice = dtype_probe.slow_dtype_advice(job.config.dtype, job.devices[0].platform)
     if advice:
       reporter.print(advice)
     if start_step >= job.num_steps:
