@@ -53,7 +53,22 @@ def read_run(workdir, name: str = "") -> Run:
     raise FileNotFoundError(f"{workdir} holds no run (no config.json).")
   lines = (path / "metrics.jsonl").read_text().splitlines()
   return Run(name or str(workdir), config["head"], int(config["seed"]),
-             tuple(json.loads(line) for line in lines if line.strip()))
+             one_line_per_step([json.loads(line) for line in lines if line.strip()]))
+
+
+def _kind(record: dict) -> str:
+  return "train" if "train_loss" in record else "eval" if "eval_accuracy" in record else "other"
+
+
+def one_line_per_step(records: list[dict]) -> tuple[dict, ...]:
+  """Each step's last train line and last eval line, in step order.
+
+  A run killed between a log step and its next checkpoint wrote lines for steps that its
+  resumed segment trains, and logs, again: the later line is the one the finished run stands
+  on, so it wins.
+  """
+  latest = {(r["step"], _kind(r)): r for r in records}
+  return tuple(sorted(latest.values(), key=lambda r: r["step"]))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -186,6 +201,60 @@ def conclusion(summaries: dict[str, list[dict]], settings: dict[str, int]) -> st
   return "\n".join(lines)
 
 
+def mean_curve(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, mean value) over the steps every curve (rows of step, value) has: aligned by
+  step, never by position, so a run that logged more or fewer points shifts nothing."""
+  common = sorted(set.intersection(*(set(c[:, 0].tolist()) for c in curves)))
+  values = [dict(zip(c[:, 0].tolist(), c[:, 1].tolist())) for c in curves]
+  return np.array(common), np.array([statistics.fmean(v[s] for v in values) for s in common])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+  """(mean, low, high): the mean and its Student-t confidence interval over `values` (seeds)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  mean = statistics.fmean(values)
+  if len(values) < 2:
+    return mean, float("nan"), float("nan")
+  half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+  return mean, mean - half, mean + half
+
+
+def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> dict:
+  """a - b over paired seeds: the mean difference, its t-interval and the paired t-test's
+  two-sided p-value (the runs of one seed share the body's initialisation and data order)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if len(a) != len(b):
+    raise ValueError(f"paired differences need one value per seed on each side, got {len(a)} and {len(b)}")
+  mean, low, high = t_interval([x - y for x, y in zip(a, b)], confidence)
+  p_value = float(stats.ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
+  return {"mean": mean, "low": low, "high": high, "p_value": p_value, "pairs": len(a)}
+
+
+def verdict(name_a: str, name_b: str, difference: dict) -> str:
+  """What a paired error difference (a - b, in points) decides: a is better (lower error) or
+  worse when its interval excludes 0, else the two are not distinguishable at this power."""
+  said = (f"{difference['mean']:+.2f} points (95% CI {difference['low']:+.2f} to {difference['high']:+.2f}, "
+          f"paired t-test p = {difference['p_value']:.3g}, {difference['pairs']} seeds)")
+  if difference["high"] < 0:
+    return f"{name_a} is better than {name_b}: {said}"
+  if difference["low"] > 0:
+    return f"{name_a} is worse than {name_b}: {said}"
+  return f"{name_a} and {name_b} are not distinguishable at this power: {said}"
+
+
+def dead_classes(maps: np.ndarray, logits: np.ndarray) -> dict[str, list[int]]:
+  """The failure a GAP head can suffer: classes whose map (after its ReLU) is zero on every
+  image, so their logit is 0 forever, and classes the model never predicts on these images.
+  `maps` is (N, H, W, classes) or None (an FC head has no class maps); `logits` (N, classes)."""
+  classes = logits.shape[-1]
+  never_predicted = sorted(set(range(classes)) - set(np.argmax(logits, -1).tolist()))
+  zero_maps = [] if maps is None else [int(c) for c in np.flatnonzero(maps.reshape(-1, classes).max(0) <= 0)]
+  return {"never_predicted": never_predicted, "zero_maps": zero_maps}
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -201,9 +270,8 @@ def plot_learning_curves(runs: list[Run], title: str = ""):
       curves = [np.array([read(x) for x in getattr(run, key)]) for run in mine]
       for curve in curves:
         ax.plot(curve[:, 0], curve[:, 1], color=colour, lw=0.7, alpha=0.5)
-      length = min(len(c) for c in curves)
-      mean = np.mean([c[:length, 1] for c in curves], axis=0)
-      ax.plot(curves[0][:length, 0], mean, color=colour, lw=2.2, label=head)
+      steps, mean = mean_curve(curves)
+      ax.plot(steps, mean, color=colour, lw=2.2, label=head)
   loss_ax.set(xlabel="step", ylabel="train loss", title="train loss")
   error_ax.set(xlabel="step", ylabel="test error (%)", title="test error")
   error_ax.legend()

@@ -27,6 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.image_size = 0  # 0 = the data set's native size (224 for ImageNet).
   c.train_examples = 0  # > 0: use only the first N training examples.
   c.eval_examples = 0  # > 0: evaluate on the first N examples only (the default is all).
+  c.validation_examples = 0  # > 0: hold out the last N training images and evaluate on them, not the test set.
   c.shuffle_buffer = 16_384  # ImageNet (tf.data) only.
   # Model.
   c.model = "nin_mnist"  # models.VARIANTS
@@ -142,6 +143,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
   if info.in_memory and config.dataset != "synthetic" and config.image_size not in (0, info.image_size):
     raise ConfigError(f"image_size {config.image_size} cannot apply to {config.dataset}, whose images are "
                       f"{info.image_size}x{info.image_size} and are not resized; leave image_size at 0.")
+  if config.validation_examples and not (info.in_memory and config.dataset != "synthetic"):
+    raise ConfigError(f"validation_examples holds out training images of the in-memory data sets only, "
+                      f"not {config.dataset}; leave it at 0.")
   if config.batch_size % process_count:
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts.")
   lr = config.learning_rate

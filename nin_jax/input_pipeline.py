@@ -225,11 +225,21 @@ def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train
 
 def in_memory_arrays(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(train images, train labels, eval images, eval labels) of the config's in-memory data set,
-  cut to `train_examples` / `eval_examples` and preprocessed with the training images' statistics."""
+  cut to `train_examples` / `eval_examples` and preprocessed with the training images' statistics.
+
+  With `validation_examples` the last N training images are the eval split (a validation set
+  for choosing settings without looking at the test set) and the rest the training one.
+  """
   arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
                                idx_dir=config.idx_dir or None)
   train_x, train_y = arrays.train_images, arrays.train_labels
   eval_x, eval_y = arrays.eval_images, arrays.eval_labels
+  held_out = config.get("validation_examples", 0)
+  if held_out > 0:
+    if held_out >= len(train_x):
+      raise ConfigError(f"validation_examples {held_out:,} leaves none of the {len(train_x):,} training "
+                        f"images of {config.dataset} to train on; lower --config.validation_examples.")
+    train_x, train_y, eval_x, eval_y = train_x[:-held_out], train_y[:-held_out], train_x[-held_out:], train_y[-held_out:]
   if config.train_examples > 0:
     train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
   if config.eval_examples > 0:

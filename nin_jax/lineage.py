@@ -71,6 +71,8 @@ def changes(path: epath.Path, config) -> dict[str, dict] | None:
   if previous is None:
     return None
   new = _json_value(config.to_dict())
+  # A key added to the code after the workdir was made ran at its default there.
+  previous = {**_json_value(configs.default_config().to_dict()), **previous}
   diffs = {k: {"from": previous.get(k), "to": new.get(k)} for k in sorted(set(previous) | set(new))
            if previous.get(k) != new.get(k) and k not in _NOT_RECORDED}
   refused = [k for k in diffs if k not in SAFE_TO_CHANGE and k not in configs.allowed_changes(config)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nin_jax import analysis, models
+from nin_jax import ablation, analysis, datasets, models
 from tests.helpers import small_config
 
 
@@ -63,3 +63,78 @@ def test_strip_volatile_keeps_outputs_and_drops_timings(tmp_path):
   notebook = json.loads(path.read_text())
   assert notebook["metadata"] == {"language_info": {}}
   assert notebook["cells"][0] == {"metadata": {}, "outputs": [{"text": "42"}]}
+
+
+def test_a_resumed_runs_rewritten_steps_count_once_and_the_last_line_wins(tmp_path):
+  """A run killed after logging step 20 but before checkpointing it resumed from step 10 and
+  logged 20 again (with other values): the reader keeps one line per step and kind."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"head": "gap", "seed": 0}))
+  lines = [{"step": 10, "train_loss": 2.0}, {"step": 20, "train_loss": 1.5},
+           {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.0},
+           {"step": 20, "train_loss": 1.4}, {"step": 20, "eval_accuracy": 0.6, "eval_loss": 0.9},
+           {"step": 30, "train_loss": 1.0}]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  run = analysis.read_run(workdir)
+  assert [(r["step"], r["train_loss"]) for r in run.train] == [(10, 2.0), (20, 1.4), (30, 1.0)]
+  assert [(r["step"], r["eval_accuracy"]) for r in run.evals] == [(20, 0.6)]
+  assert run.test_error == pytest.approx(40.0)
+
+
+def test_curves_are_averaged_at_the_steps_all_runs_share():
+  a = np.array([[10, 1.0], [20, 2.0], [30, 3.0]])
+  b = np.array([[20, 4.0], [30, 5.0], [40, 6.0]])
+  steps, mean = analysis.mean_curve([a, b])
+  assert steps.tolist() == [20, 30] and mean.tolist() == [3.0, 4.0]
+
+
+def test_t_interval_and_paired_test_match_values_computed_by_hand():
+  # Five seeds' errors; by hand: mean 10.2, sample std 0.83666, t(0.975, 4) = 2.776445,
+  # half-width 2.776445 * 0.83666 / sqrt(5) = 1.03885.
+  mean, low, high = analysis.t_interval([10.0, 11.0, 9.0, 10.0, 11.0])
+  assert mean == pytest.approx(10.2) and (low, high) == pytest.approx((9.16115, 11.23885), abs=1e-5)
+  # Paired: differences 1, 2, 0, 1, 3 -> mean 1.4, std 1.140175, t = 1.4 / (1.140175 / sqrt 5) = 2.745626;
+  # with 4 degrees of freedom the two-sided p is 1 - (1.5 x - 0.5 x^3), x = t / sqrt(4 + t^2)
+  # (the t(4) CDF in closed form) = 0.0516060; half-width 2.776445 * 0.509902 = 1.415700.
+  difference = analysis.paired_difference([11.0, 13.0, 9.0, 11.0, 14.0], [10.0, 11.0, 9.0, 10.0, 11.0])
+  assert difference["mean"] == pytest.approx(1.4)
+  assert (difference["low"], difference["high"]) == pytest.approx((-0.0157, 2.8157), abs=1e-4)
+  assert difference["p_value"] == pytest.approx(0.0516060, abs=1e-6)
+  text = analysis.verdict("GAP", "FC", difference)
+  assert text.startswith("GAP and FC are not distinguishable at this power: +1.40 points (95% CI -0.02 to +2.82")
+  assert analysis.verdict("GAP", "FC", {**difference, "low": 0.1}).startswith("GAP is worse than FC")
+  assert analysis.verdict("GAP", "FC", {**difference, "high": -0.1}).startswith("GAP is better than FC")
+  with pytest.raises(ValueError, match="one value per seed"):
+    analysis.paired_difference([1.0], [1.0, 2.0])
+
+
+def test_dead_classes_are_found_in_hand_made_maps():
+  maps = np.ones((4, 2, 2, 3))
+  maps[..., 1] = 0.0  # Class 1's map died: zero everywhere, on every image.
+  maps[2, 0, 0, 2] = 0.0  # Class 2's is zero at one position only: alive.
+  logits = maps.mean(axis=(1, 2))
+  logits[:, 0] += np.array([1.0, 1.0, 1.0, 1.0])  # Class 0 always wins: 1 and 2 are never predicted.
+  assert analysis.dead_classes(maps, logits) == {"never_predicted": [1, 2], "zero_maps": [1]}
+  assert analysis.dead_classes(None, np.eye(3)) == {"never_predicted": [], "zero_maps": []}
+
+
+@pytest.mark.skipif(not datasets.os.path.isdir(datasets.DEBIAN_FASHION_MNIST), reason="needs dataset-fashion-mnist")
+def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
+  """A tiny run end to end: validation error per epoch from the held-out split, test and train
+  errors in eval mode, the dead-class diagnosis, and no second training once the record exists."""
+  config = small_config(head="gap", train_examples=256, eval_examples=0, validation_examples=1000,
+                        num_train_steps=-1, num_epochs=2.0, eval_every_steps=0, checkpoint_every_steps=8)
+  spec = ablation.Spec("small", "gap", 0, config)
+  said = []
+  record = ablation.run(spec, str(tmp_path / "work"), tmp_path / "results", say=said.append)
+  assert ablation.record_path(tmp_path / "results", spec).name == "small-gap-0.json"
+  assert list(record["validation_error_by_step"]) == ["8", "16"]  # 256 / 32 = 8 steps per epoch.
+  assert all(0 <= e <= 100 for e in record["validation_error_by_step"].values())
+  assert record["train_examples"] == 256 and 0 <= record["test_error"] <= 100
+  assert record["failed"] == bool(record["dead_classes"]["never_predicted"] or record["dead_classes"]["zero_maps"])
+  assert len(said) == 1 and said[0].startswith("small-gap-0")
+  again = ablation.run(spec, "/nonexistent", tmp_path / "results", say=said.append)  # Read, not trained.
+  assert again == json.loads(json.dumps(record)) and len(said) == 1
+  assembled = json.loads(ablation.assemble(tmp_path / "results").read_text())
+  assert [r["name"] for r in assembled] == ["small-gap-0"]

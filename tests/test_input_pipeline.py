@@ -130,3 +130,23 @@ def test_missing_data_set_says_how_to_get_it(tmp_path):
     datasets.load_arrays("mnist", data_dir=str(tmp_path / "empty"), download=False)
   with pytest.raises(errors.DataError, match="apt-get install dataset-fashion-mnist"):
     datasets.load_arrays("fashion_mnist", data_dir=str(tmp_path / "empty"), download=False)
+
+
+@pytest.mark.skipif(not datasets.os.path.isdir(datasets.DEBIAN_FASHION_MNIST), reason="needs dataset-fashion-mnist")
+def test_a_validation_split_is_held_out_of_the_training_set():
+  """validation_examples: the last N training images become the eval split, the test set is
+  not touched, and train_examples then counts from the rest."""
+  from tests.helpers import small_config  # pylint: disable=g-import-not-at-top
+  raw = datasets.load_arrays("fashion_mnist")
+  config = small_config(train_examples=0, eval_examples=0, validation_examples=10_000, preprocess="none")
+  train_x, train_y, eval_x, eval_y = input_pipeline.in_memory_arrays(config)
+  assert len(train_x) == 50_000 and len(eval_x) == 10_000
+  np.testing.assert_array_equal(eval_y, raw.train_labels[50_000:])
+  np.testing.assert_allclose(eval_x, raw.train_images[50_000:] / 255.0, rtol=1e-6)  # "none": scaled to [0, 1].
+  np.testing.assert_array_equal(train_y, raw.train_labels[:50_000])
+  config.update(dict(train_examples=512, eval_examples=300))
+  train_x, _, eval_x, eval_y = input_pipeline.in_memory_arrays(config)
+  assert len(train_x) == 512 and len(eval_x) == 300
+  np.testing.assert_array_equal(eval_y, raw.train_labels[50_000:50_300])
+  with pytest.raises(errors.ConfigError, match="leaves none of the 60,000 training images"):
+    input_pipeline.in_memory_arrays(small_config(validation_examples=60_000))
