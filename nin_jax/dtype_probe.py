@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -134,9 +135,12 @@ def timing(kernels: str) -> Timing:
     path = None  # Unreadable or not ours: measure, and keep the result in memory only.
   result = measure(kernels)
   if path is not None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(dataclasses.asdict(result)))
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+    try:
+      partial.write_text(json.dumps(dataclasses.asdict(result)))
+      os.replace(partial, path)  # Whole or absent, for processes reading it meanwhile.
+    except OSError:  # A read-only cache: measured again next time, nothing lost.
+      partial.unlink(missing_ok=True)
   return result
 
 

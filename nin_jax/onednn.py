@@ -2,7 +2,7 @@
 
 XLA:CPU runs convolutions through Eigen and 1x1 layers as dots; in this project's training
 step both ran at 1/2-2/3 of the speed of oneDNN, the library PyTorch's CPU convolutions
-use, on AVX-512 CPUs (on an AVX2-only Zen 3 the two were within noise of each other). So on
+use, on AVX-512 CPUs (on an AVX2-only Zen 3 the step gained 4-22% over two runs). So on
 CPU every layer of an mlpconv block goes through `native/onednn_conv.cc`: XLA FFI handlers
 for the forward pass with bias and ReLU fused, and for the backward passes (data; weights
 and bias), joined by a custom VJP; the 1x1 layers are 1x1 convolutions there. Max pools go
