@@ -7,8 +7,8 @@ Expected: on an Intel Xeon with AMX: 93.89% top-1 on all 10,000 test images for 
           on an AMD EPYC Zen 4 (AVX512-BF16, no AMX): 93.91% in 1,087 s (seed 0) and
           93.59% in 1,049 s (seed 1), ~1,050 img/s (figures from the report of issue 18,
           not re-measured here);
-          on an AMD EPYC Zen 3 (AVX2 only): ~230 img/s measured by `python -m
-          nin_jax.benchmark`, so ~80 minutes (projected from that speed, not a timed run);
+          on an AMD EPYC Zen 3 (AVX2 only): ~230 img/s; one epoch took 310 s, so ~85-90
+          minutes for 18 (projected from that epoch, not a timed run);
           each with nothing else running, start-up, compilation and the final evaluation
           included; train top-1 ~97.8% at the end. The layers compute in bfloat16
           (parameters float32) on oneDNN: its bfloat16 kernels where they measured faster
