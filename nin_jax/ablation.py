@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from nin_jax import analysis, checkpointing, train
+from nin_jax import analysis, checkpointing, input_pipeline, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +48,16 @@ def record_path(results: Path, spec: Spec) -> Path:
   return Path(results) / "runs" / f"{spec.name}.json"
 
 
-def _all_images(config, split: str):
-  return analysis.dataset_images(config, split, count=10**9)
-
-
 def measure(spec: Spec, workdir: str, wall_seconds: float) -> dict:
   """The record of a finished run in `workdir` (see the module docstring)."""
   run = analysis.read_run(workdir, spec.name)
   epoch_steps = {int(r["step"]): 100 * (1 - r["eval_accuracy"]) for r in run.evals}
   model, _ = checkpointing.load_model(workdir, spec.config)
-  test_images, test_labels = _all_images(spec.config, "test")
-  train_images, train_labels = _all_images(spec.config, "train")
+  # One load: the run's own training split and the test set (not its validation split),
+  # preprocessed with the statistics of the images it trained on.
+  whole_test = ml_collections.ConfigDict({**spec.config.to_dict(), "eval_examples": 0})
+  train_images, train_labels, test_images, test_labels = input_pipeline.in_memory_arrays(whole_test,
+                                                                                           test_set=True)
   maps, logits = analysis.class_maps(model, test_images)
   has_maps = spec.config.head == "gap"
   dead = analysis.dead_classes(maps if has_maps else None, logits)
@@ -67,7 +66,7 @@ def measure(spec: Spec, workdir: str, wall_seconds: float) -> dict:
       "name": spec.name, "setting": spec.setting, "head": spec.head, "seed": spec.seed,
       "learning_rate": c.learning_rate, "epochs": c.num_epochs, "train_examples": len(train_labels),
       "validation_error_by_step": {str(s): e for s, e in sorted(epoch_steps.items())},
-      "test_error": 100 * float(np.mean(logits.argmax(-1) != test_labels)),
+      "test_error": 100 * float(np.mean(logits.argmax(-1) != test_labels)), "test_examples": len(test_labels),
       "train_error": analysis.error_rate(model, train_images, train_labels),
       "true_class_strongest_map": (100 * float(np.mean(maps.mean(axis=(1, 2)).argmax(-1) == test_labels))),
       "dead_classes": dead, "failed": bool(dead["never_predicted"] or dead["zero_maps"]),

@@ -223,12 +223,14 @@ def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train
       num_train_examples=num_train, num_eval_examples=len(eval_x))
 
 
-def in_memory_arrays(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def in_memory_arrays(config, *, test_set: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(train images, train labels, eval images, eval labels) of the config's in-memory data set,
   cut to `train_examples` / `eval_examples` and preprocessed with the training images' statistics.
 
   With `validation_examples` the last N training images are the eval split (a validation set
-  for choosing settings without looking at the test set) and the rest the training one.
+  for choosing settings without looking at the test set) and the rest the training one;
+  `test_set` keeps that training split but returns the test set as the eval one (a run's
+  final test error, measured once).
   """
   arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
                                idx_dir=config.idx_dir or None)
@@ -239,7 +241,9 @@ def in_memory_arrays(config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     if held_out >= len(train_x):
       raise ConfigError(f"validation_examples {held_out:,} leaves none of the {len(train_x):,} training "
                         f"images of {config.dataset} to train on; lower --config.validation_examples.")
-    train_x, train_y, eval_x, eval_y = train_x[:-held_out], train_y[:-held_out], train_x[-held_out:], train_y[-held_out:]
+    train_x, train_y = train_x[:-held_out], train_y[:-held_out]
+    if not test_set:
+      eval_x, eval_y = arrays.train_images[-held_out:], arrays.train_labels[-held_out:]
   if config.train_examples > 0:
     train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
   if config.eval_examples > 0:

@@ -132,6 +132,8 @@ def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   assert list(record["validation_error_by_step"]) == ["8", "16"]  # 256 / 32 = 8 steps per epoch.
   assert all(0 <= e <= 100 for e in record["validation_error_by_step"].values())
   assert record["train_examples"] == 256 and 0 <= record["test_error"] <= 100
+  # The test error is on the whole test set, not the 1,000 validation images the run evaluated on.
+  assert record["test_examples"] == 10_000
   assert record["failed"] == bool(record["dead_classes"]["never_predicted"] or record["dead_classes"]["zero_maps"])
   assert len(said) == 1 and said[0].startswith("small-gap-0")
   again = ablation.run(spec, "/nonexistent", tmp_path / "results", say=said.append)  # Read, not trained.

@@ -144,6 +144,10 @@ def test_a_validation_split_is_held_out_of_the_training_set():
   np.testing.assert_array_equal(eval_y, raw.train_labels[50_000:])
   np.testing.assert_allclose(eval_x, raw.train_images[50_000:] / 255.0, rtol=1e-6)  # "none": scaled to [0, 1].
   np.testing.assert_array_equal(train_y, raw.train_labels[:50_000])
+  _, test_train_y, test_x, test_y = input_pipeline.in_memory_arrays(config, test_set=True)
+  np.testing.assert_array_equal(test_train_y, raw.train_labels[:50_000])  # Same training split...
+  np.testing.assert_array_equal(test_y, raw.eval_labels)  # ...and the test set, not the held-out images.
+  np.testing.assert_allclose(test_x, raw.eval_images / 255.0, rtol=1e-6)
   config.update(dict(train_examples=512, eval_examples=300))
   train_x, _, eval_x, eval_y = input_pipeline.in_memory_arrays(config)
   assert len(train_x) == 512 and len(eval_x) == 300
