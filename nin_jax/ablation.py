@@ -2,9 +2,9 @@
 
 An ablation that takes longer than one working session has to finish over several: every
 run is an ordinary workdir (it resumes where it stopped), and a finished run writes one
-JSON record, `<results>/runs/<setting>-<head>-<seed>.json`, holding everything the tables
-need; `notebooks/head_ablation.py` trains only the runs whose record is missing and builds
-its tables from the records alone (`assemble` writes them into `head_ablation.json`).
+JSON record, `<results>/runs/<name>.json`, holding everything the tables need;
+`notebooks/head_ablation.py` trains only the runs whose record is missing and builds its
+tables from the records alone (`assemble` writes them into `head_ablation.json`).
 
 What a record holds, and how it is measured:
 - the validation error after every epoch (the run evaluates on `validation_examples` held
@@ -12,8 +12,12 @@ What a record holds, and how it is measured:
 - the test error, evaluated once at the end, and the error on the whole training split,
   both in evaluation mode (no dropout), so test - train is a real generalisation gap;
 - the diagnosis of the GAP head's known failure (`analysis.dead_classes` on the test set):
-  classes never predicted and class maps zero on every test image. A run with either is
-  `failed`: listed with its diagnosis and kept out of the means.
+  classes never predicted and class maps zero on every test image. A run with either, or
+  one that diverged, is `failed`: listed with its diagnosis and kept out of the means.
+
+The runs of one seed share the body's initialisation and the data order whatever the head
+(`NIN` builds the body before the head from the same seed; batches are a function of the
+seed and step), so the heads' errors are paired by seed.
 """
 
 from __future__ import annotations
@@ -28,13 +32,23 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from nin_jax import analysis, checkpointing, input_pipeline, train
+from nin_jax import analysis, checkpointing, configs, dtype_probe, errors, input_pipeline, models, train
+
+# The recipes the ablation can train with. `adamw_grid` is this project's: per-head learning
+# rates from a grid on the validation split. `paper_cifar10` is Table 5's: the fixed SGD
+# schedule of experiments/nin_cifar10.py without augmentation, the same for every head.
+RECIPES = ("adamw_grid", "paper_cifar10")
+
+# The recipe the ablation committed before issue 19 (0.64 epochs; half its GAP runs lost a
+# class): kept to measure the failure rate that the new recipe is compared with.
+OLD_RECIPE = dict(optimizer="adamw", learning_rate=3e-3, weight_decay=5e-4, bias_lr_mult=1.0, schedule="cosine",
+                  warmup_steps=50, dropout=0.0, layer_lr_mults={}, batch_size=64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """One run: which head, setting and seed, and the config it trains with."""
-  setting: str  # e.g. "full", "small", "grid-gap-3e-03"
+  setting: str  # e.g. "full", "small", "grid-3e-03", "long-full", "failure-old"
   head: str
   seed: int
   config: ml_collections.ConfigDict
@@ -44,54 +58,164 @@ class Spec:
     return f"{self.setting}-{self.head}-{self.seed}"
 
 
+def per_class_layer(model: str) -> str:
+  """The Caffe name of the layer that emits one map per class (cccp6 in the small models)."""
+  return models.layer_names(models.get_spec(model))[-1][-1]
+
+
+def base_config(recipe: str, *, dataset: str, model: str, dtype: str, validation_examples: int,
+                batch_size: int = 64) -> ml_collections.ConfigDict:
+  """Everything but the head, seed, learning rate, length and training-set size.
+
+  `adamw_grid`: AdamW with a real decoupled weight decay (0.05, i.e. 0.05 x lr per step),
+  biases at the same rate; the paper's dropout 0.5 after the pooled blocks; the per-class
+  layer at 0.1x the learning rate (as the Caffe models), for every head; one epoch of
+  warm-up, then a cosine decay to zero; no augmentation and no label smoothing (Table 5).
+  """
+  if recipe not in RECIPES:
+    raise ValueError(f"Unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}.")
+  config = configs.default_config()
+  if recipe == "paper_cifar10":
+    from experiments import nin_cifar10  # pylint: disable=g-import-not-at-top
+    config = nin_cifar10.get_config("noaug")
+  else:
+    config.update(dict(optimizer="adamw", weight_decay=0.05, bias_lr_mult=1.0, schedule="cosine",
+                       warmup_epochs=1.0, dropout=-1.0, label_smoothing=0.0, augment="none",
+                       batch_size=batch_size))
+    config.layer_lr_mults = {per_class_layer(model): 0.1}
+  preprocess = {"cifar10": "gcn_zca", "cifar100": "gcn_zca", "svhn": "lcn"}.get(dataset, "standardize")
+  config.update(dict(dataset=dataset, model=model, dtype=dtype, preprocess=preprocess,
+                     validation_examples=validation_examples, eval_every_steps=0, eval_batch_size=500,
+                     keep_checkpoints=1))
+  return config
+
+
+def run_config(base: ml_collections.ConfigDict, *, head: str, seed: int, train_examples: int,
+               learning_rate: float | None = None, epochs: float | None = None,
+               steps: int | None = None, **overrides) -> ml_collections.ConfigDict:
+  """`base` with one run's head, seed and data; a length in epochs or steps (else the
+  recipe's), a learning rate (else the recipe's) and any other overrides."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  for key, value in dict(head=head, seed=seed, train_examples=train_examples, **overrides).items():
+    config[key] = value  # Replaces, never merges (a layer_lr_mults of {} means none).
+  if learning_rate is not None:
+    config.learning_rate = learning_rate
+  if steps is not None:
+    config.num_train_steps = steps
+  elif epochs is not None:
+    config.num_epochs, config.num_train_steps = float(epochs), -1
+  per_epoch = max(train_examples // config.batch_size, 1) if train_examples else 0
+  config.log_every_steps = max(min(per_epoch or 100, 100), 1)
+  config.checkpoint_every_steps = per_epoch or 1000  # Resume costs at most one epoch.
+  return config
+
+
+def lengthen(config: ml_collections.ConfigDict, factor: float) -> ml_collections.ConfigDict:
+  """The same run `factor` times as long: its length and any step-decay points scaled."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.num_train_steps > 0:
+    config.num_train_steps = int(round(config.num_train_steps * factor))
+  config.num_epochs *= factor
+  config.decay_steps = tuple(int(round(s * factor)) for s in config.decay_steps)
+  config.decay_epochs = tuple(e * factor for e in config.decay_epochs)
+  return config
+
+
+def adopt(record: dict, spec: Spec, results: Path) -> dict:
+  """Files an identical run's record under `spec` (the grid's run at the chosen learning
+  rate is the seed's main run: training it again would give the same numbers)."""
+  if record["config"] != json.loads(json.dumps(spec.config.to_dict())):
+    raise ValueError(f"{record['name']} did not train {spec.name}'s config; it cannot stand for it.")
+  adopted = {**record, "name": spec.name, "setting": spec.setting, "adopted_from": record["name"]}
+  _write(record_path(results, spec), adopted)
+  return adopted
+
+
+def workdir_of(record: dict, workdir_root: str) -> Path:
+  """Where the run of a record trained (an adopted record's run is the one it was filed from)."""
+  return Path(workdir_root) / record.get("adopted_from", record["name"])
+
+
+def _write(path: Path, record: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_suffix(".partial")
+  partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+  partial.replace(path)  # A record exists only once it is whole.
+
+
 def record_path(results: Path, spec: Spec) -> Path:
   return Path(results) / "runs" / f"{spec.name}.json"
 
 
-def measure(spec: Spec, workdir: str, wall_seconds: float) -> dict:
-  """The record of a finished run in `workdir` (see the module docstring)."""
+def _identity(spec: Spec) -> dict:
+  c = spec.config
+  return {"name": spec.name, "setting": spec.setting, "head": spec.head, "seed": spec.seed,
+          "learning_rate": c.learning_rate, "epochs": c.num_epochs, "steps": c.num_train_steps,
+          "config": c.to_dict(), "cpu": dtype_probe.cpu_name()}
+
+
+def measure(spec: Spec, workdir: str, wall_seconds: float, *, train_error: bool = True,
+            test_examples: int = 0) -> dict:
+  """The record of a finished run in `workdir` (see the module docstring); the test error on
+  the first `test_examples` test images (0: all of them)."""
   run = analysis.read_run(workdir, spec.name)
-  epoch_steps = {int(r["step"]): 100 * (1 - r["eval_accuracy"]) for r in run.evals}
+  by_step = {int(r["step"]): 100 * (1 - r["eval_accuracy"]) for r in run.evals}
   model, _ = checkpointing.load_model(workdir, spec.config)
   # One load: the run's own training split and the test set (not its validation split),
   # preprocessed with the statistics of the images it trained on.
-  whole_test = ml_collections.ConfigDict({**spec.config.to_dict(), "eval_examples": 0})
+  whole_test = ml_collections.ConfigDict({**spec.config.to_dict(), "eval_examples": test_examples})
   train_images, train_labels, test_images, test_labels = input_pipeline.in_memory_arrays(whole_test,
                                                                                            test_set=True)
   maps, logits = analysis.class_maps(model, test_images)
-  has_maps = spec.config.head == "gap"
-  dead = analysis.dead_classes(maps if has_maps else None, logits)
-  c = spec.config
+  dead = analysis.dead_classes(maps if spec.config.head == "gap" else None, logits)
   return {
-      "name": spec.name, "setting": spec.setting, "head": spec.head, "seed": spec.seed,
-      "learning_rate": c.learning_rate, "epochs": c.num_epochs, "train_examples": len(train_labels),
-      "validation_error_by_step": {str(s): e for s, e in sorted(epoch_steps.items())},
+      **_identity(spec), "train_examples": len(train_labels), "diverged": False,
+      "validation_error_by_step": {str(s): e for s, e in sorted(by_step.items())},
       "test_error": 100 * float(np.mean(logits.argmax(-1) != test_labels)), "test_examples": len(test_labels),
-      "train_error": analysis.error_rate(model, train_images, train_labels),
-      "true_class_strongest_map": (100 * float(np.mean(maps.mean(axis=(1, 2)).argmax(-1) == test_labels))),
+      "train_error": analysis.error_rate(model, train_images, train_labels) if train_error else None,
+      "true_class_strongest_map": 100 * float(np.mean(maps.mean(axis=(1, 2)).argmax(-1) == test_labels)),
       "dead_classes": dead, "failed": bool(dead["never_predicted"] or dead["zero_maps"]),
-      "wall_seconds": wall_seconds, "config": c.to_dict(),
+      "wall_seconds": round(wall_seconds, 1),
   }
 
 
-def run(spec: Spec, workdir_root: str, results: Path, say=print) -> dict:
+def diverged_record(spec: Spec, error: errors.TrainingDiverged, wall_seconds: float) -> dict:
+  """A run whose loss became NaN: failed, with the trainer's one-line reason as diagnosis."""
+  return {**_identity(spec), "diverged": True, "failed": True, "diagnosis": str(error).splitlines()[0],
+          "validation_error_by_step": {}, "test_error": None, "train_error": None,
+          "true_class_strongest_map": None, "dead_classes": {"never_predicted": [], "zero_maps": []},
+          "wall_seconds": round(wall_seconds, 1)}
+
+
+def describe(record: dict) -> str:
+  """One line per finished run, as the notebook prints it."""
+  if record["diverged"]:
+    return f"{record['name']:<26} FAILED: {record['diagnosis']}  ({record['wall_seconds']:.0f} s)"
+  validation = list(record["validation_error_by_step"].values())
+  train_error = record["train_error"]
+  return (f"{record['name']:<26} validation {validation[-1] if validation else float('nan'):5.2f}%  "
+          f"test {record['test_error']:5.2f}%" + (f"  train {train_error:5.2f}%" if train_error is not None else "")
+          + (f"  FAILED: {json.dumps(record['dead_classes'])}" if record["failed"] else "")
+          + f"  ({record['wall_seconds']:.0f} s)")
+
+
+def run(spec: Spec, workdir_root: str, results: Path, *, train_error: bool = True, test_examples: int = 0,
+        say=print) -> dict:
   """Trains `spec` (resuming its workdir) unless its record exists; returns the record."""
   path = record_path(results, spec)
   if path.exists():
     return json.loads(path.read_text())
   workdir = str(Path(workdir_root) / spec.name)
   started = time.perf_counter()
-  with contextlib.redirect_stdout(io.StringIO()):
-    train.train_and_evaluate(spec.config, workdir)
-  record = measure(spec, workdir, time.perf_counter() - started)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_suffix(".partial")
-  partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-  partial.replace(path)  # A record exists only once it is whole.
-  say(f"{spec.name:<28} validation {list(record['validation_error_by_step'].values())[-1]:5.2f}%  "
-      f"test {record['test_error']:5.2f}%  train {record['train_error']:5.2f}%"
-      + ("  FAILED: " + json.dumps(record["dead_classes"]) if record["failed"] else "")
-      + f"  ({record['wall_seconds']:.0f} s)")
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      train.train_and_evaluate(spec.config, workdir)
+    record = measure(spec, workdir, time.perf_counter() - started, train_error=train_error,
+                     test_examples=test_examples)
+  except errors.TrainingDiverged as e:
+    record = diverged_record(spec, e, time.perf_counter() - started)
+  _write(path, record)
+  say(describe(record))
   return record
 
 
@@ -104,3 +228,25 @@ def assemble(results: Path) -> Path:
   out = Path(results) / "head_ablation.json"
   out.write_text(json.dumps(records(results), indent=1, sort_keys=True) + "\n")
   return out
+
+
+def final_validation_error(record: dict) -> float:
+  """The validation error after the last epoch (inf for a failed run: never chosen)."""
+  by_step = record["validation_error_by_step"]
+  if record["failed"] or not by_step:
+    return float("inf")
+  return by_step[max(by_step, key=int)]
+
+
+def choose_learning_rate(grid: list[dict], say=print) -> float:
+  """The grid's learning rate with the lowest final validation error (one head's runs); a
+  failed run is never chosen while a healthy one exists."""
+  best = min(grid, key=final_validation_error)
+  if final_validation_error(best) == float("inf"):
+    healthy = [r for r in grid if r["validation_error_by_step"]]
+    if not healthy:
+      raise ValueError(f"every grid run of head {best['head']!r} diverged; lower the learning-rate grid.")
+    best = min(healthy, key=lambda r: r["validation_error_by_step"][max(r["validation_error_by_step"], key=int)])
+    say(f"warning: every grid run of head {best['head']!r} failed; chose lr {best['learning_rate']:g} by "
+        "validation error alone: widen the grid or train longer.")
+  return best["learning_rate"]

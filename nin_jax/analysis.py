@@ -1,13 +1,15 @@
-"""What the notebooks compute: finished runs as tables, the last block's class maps, plots.
+"""What the notebooks compute from a run: its metrics, the last block's class maps, error
+rates, the statistics over seeds (t-intervals, paired tests), the dead-class diagnosis and
+the plots. The head ablation's tables from its records are in `ablation_report.py`.
 
-The notebooks (`notebooks/head_ablation.py`, `notebooks/class_maps.py`) tell the story;
-everything they compute lives here, where it is tested. Runs are ordinary workdirs:
-their `metrics.jsonl` and `config.json` are the only inputs.
+Everything the notebooks compute lives in modules, where it is tested. Runs are ordinary
+workdirs: their `metrics.jsonl` and `config.json` are the only inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -71,55 +73,6 @@ def one_line_per_step(records: list[dict]) -> tuple[dict, ...]:
   return tuple(sorted(latest.values(), key=lambda r: r["step"]))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(runs: list[Run], train_errors: dict[str, float], head_params: dict[str, tuple[int, int]]):
-  """One row per head: test error mean and std (sample std over seeds) and each seed's, the
-  train error at the end, their gap, and the head's and the model's parameter counts.
-
-  `train_errors` maps a run's name to its error (%) on training images in eval mode;
-  `head_params` maps a head to (parameters of the head, parameters in total).
-  """
-  rows = []
-  for head in dict.fromkeys(r.head for r in runs):
-    mine = sorted((r for r in runs if r.head == head), key=lambda r: r.seed)
-    test = [r.test_error for r in mine]
-    train = [train_errors[r.name] for r in mine]
-    gap = [t - e for t, e in zip(test, train)]
-    rows.append(dict(head=head, head_params=head_params[head][0], total_params=head_params[head][1],
-                     seeds=[r.seed for r in mine], test_errors=test, test_error=_mean_std(test),
-                     train_error=_mean_std(train), gap=_mean_std(gap)))
-  return rows
-
-
-def markdown_table(rows: list[dict], paper: dict[str, float] | None = None) -> str:
-  """The summary as a Markdown table; `paper` adds the paper's test error per head."""
-  header = ["head", "head params", "total params", "test error % (mean ± std)", "per seed",
-            "train error %", "test − train"]
-  if paper:
-    header.append("paper, CIFAR-10 (test error %)")
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in rows:
-    cells = [f"`{r['head']}`", f"{r['head_params']:,}", f"{r['total_params']:,}",
-             "{:.2f} ± {:.2f}".format(*r["test_error"]), ", ".join(f"{e:.2f}" for e in r["test_errors"]),
-             "{:.2f} ± {:.2f}".format(*r["train_error"]), "{:.2f} ± {:.2f}".format(*r["gap"])]
-    if paper:
-      cells.append(f"{paper[r['head']]:.2f}" if r["head"] in paper else "")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def head_parameters(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(parameters of the classifier head, parameters in total) of the config's model."""
-  model = nnx.eval_shape(lambda: models.from_config(config).build(nnx.Rngs(0)))
-  count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-  total = count(nnx.state(model, nnx.Param))
-  head = count(nnx.state(model.classifier, nnx.Param)) if model.classifier is not None else 0
-  return head, total
-
-
 def dataset_images(config: ml_collections.ConfigDict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` images of the "train" or "test" split as the run saw them (the same
   preprocessing, with the statistics of its training images), unaugmented, and their labels."""
@@ -140,65 +93,30 @@ def error_rate(model: models.NIN, images: np.ndarray, labels: np.ndarray, batch_
   return 100 * float(np.mean(logits.argmax(-1) != labels))
 
 
-@nnx.jit
-def _logits(model, x):
-  return model(x)
-
-
-def _predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-  return np.concatenate([np.asarray(_logits(model, jnp.asarray(images[i:i + batch_size])))
-                         for i in range(0, len(images), batch_size)])
+def _predict(model: models.NIN, images: np.ndarray, batch_size: int) -> np.ndarray:
+  return class_maps(model, images, batch_size)[1]
 
 
 def class_maps(model: models.NIN, images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
   """(maps, logits): the output of the last mlpconv layer after its ReLU, one map per class
-  (N, H, W, classes), and the model's logits for the same images."""
-  last = models.layer_names(model.spec)[-1][-1]
-  maps, logits = [], []
+  (N, H, W, classes), and the model's logits for the same images, in eval mode."""
+  graphdef, state = nnx.split(model)  # One compilation per batch shape, not one per call.
+  maps, logits = zip(*(_maps_and_logits(graphdef, state, jnp.asarray(images[start:start + batch_size]))
+                       for start in range(0, len(images), batch_size)))
+  return np.concatenate([np.asarray(m) for m in maps]), np.concatenate([np.asarray(l) for l in logits])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _maps_and_logits(graphdef, state, x: jax.Array):
+  model = nnx.merge(graphdef, state)
+  last, captured = models.layer_names(model.spec)[-1][-1], {}
 
   def hook(name, y, module):
     if name == last:
-      maps.append(np.asarray(y, np.float32))
+      captured["maps"] = y.astype(jnp.float32)
 
-  for start in range(0, len(images), batch_size):
-    logits.append(np.asarray(model(jnp.asarray(images[start:start + batch_size]), hook=hook)))
-  return np.concatenate(maps), np.concatenate(logits)
-
-
-def _compare(a: dict, b: dict) -> str:
-  """How much lower a's mean test error is than b's, and whether that exceeds the seeds' spread."""
-  delta = b["test_error"][0] - a["test_error"][0]
-  said = f"`{a['head']}` {'beats' if delta > 0 else 'trails'} `{b['head']}` by {abs(delta):.2f} points"
-  if min(len(a["seeds"]), len(b["seeds"])) < 2:
-    return said + " (one seed: no spread to weigh it against)"
-  spread = math.hypot(a["test_error"][1], b["test_error"][1])
-  return said + f", {'more than' if abs(delta) > spread else 'within'} the seed-to-seed spread ({spread:.2f})"
-
-
-def conclusion(summaries: dict[str, list[dict]], settings: dict[str, int]) -> str:
-  """A few sentences on the ablation, computed from its tables: which head wins in each
-  setting and by how much against the spread over seeds, which head overfits least, and
-  whether GAP's margin over FC grows when data is scarce (the paper's regulariser claim)."""
-  lines, margins = [], {}
-  for setting, rows in summaries.items():
-    by_head = {r["head"]: r for r in rows}
-    best = min(rows, key=lambda r: r["test_error"][0])
-    others = "; ".join(_compare(best, r) for r in rows if r is not best)
-    tightest = min(rows, key=lambda r: r["gap"][0])
-    lines.append(f"- **{setting}** ({settings[setting]:,} training images): lowest test error `{best['head']}` "
-                 f"({best['test_error'][0]:.2f}%); {others}. Smallest test − train gap: `{tightest['head']}` "
-                 f"({tightest['gap'][0]:.2f} points).")
-    if "gap" in by_head and "fc" in by_head:
-      margins[setting] = by_head["fc"]["test_error"][0] - by_head["gap"]["test_error"][0]
-  if len(margins) == 2:
-    (big, big_margin), (small, small_margin) = sorted(margins.items(), key=lambda kv: -settings[kv[0]])
-    trend = "grows" if small_margin > big_margin else "does not grow"
-    lines.append(f"- GAP's margin over FC is {big_margin:+.2f} points with {settings[big]:,} images and "
-                 f"{small_margin:+.2f} with {settings[small]:,}: it {trend} when data is scarce, which "
-                 + ("supports" if small_margin > big_margin and small_margin > 0 else "does not support")
-                 + " the paper's reading of GAP as a structural regulariser here.")
-  lines.append("- One data set, one budget, few seeds: differences within the spread are not evidence either way.")
-  return "\n".join(lines)
+  logits = model(x, hook=hook)
+  return captured["maps"], logits
 
 
 def mean_curve(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -256,29 +174,6 @@ def dead_classes(maps: np.ndarray, logits: np.ndarray) -> dict[str, list[int]]:
 
 
 # ----------------------------------------------------------------------------- plots
-
-
-def plot_learning_curves(runs: list[Run], title: str = ""):
-  """Train loss and test error against steps: a colour per head, seeds thin, their mean thick."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-  for index, head in enumerate(dict.fromkeys(r.head for r in runs)):
-    colour = f"C{index}"
-    mine = [r for r in runs if r.head == head]
-    for key, ax, read in [("train", loss_ax, lambda r: (r["step"], r["train_loss"])),
-                          ("evals", error_ax, lambda r: (r["step"], 100 * (1 - r["eval_accuracy"])))]:
-      curves = [np.array([read(x) for x in getattr(run, key)]) for run in mine]
-      for curve in curves:
-        ax.plot(curve[:, 0], curve[:, 1], color=colour, lw=0.7, alpha=0.5)
-      steps, mean = mean_curve(curves)
-      ax.plot(steps, mean, color=colour, lw=2.2, label=head)
-  loss_ax.set(xlabel="step", ylabel="train loss", title="train loss")
-  error_ax.set(xlabel="step", ylabel="test error (%)", title="test error")
-  error_ax.legend()
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
 
 
 def plot_class_maps(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, predictions: np.ndarray,

@@ -202,7 +202,8 @@ def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> 
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
-  model = models.from_config(config).build(nnx.Rngs(0))
+  # Shapes only: initialising parameters that the checkpoint overwrites costs seconds.
+  model = nnx.eval_shape(lambda: models.from_config(config).build(nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, _pure_dict(restored.state["params"]))
   nnx.update(model, params)

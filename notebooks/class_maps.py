@@ -19,37 +19,50 @@
 # With a GAP head, the last mlpconv layer emits one map per class and a class's score is
 # the mean of its map, so the maps can be read as *confidence maps*: the paper's Figure 4
 # shows the map of the true class lighting up where the object is. This notebook draws
-# those maps for trained models from the head ablation (`head_ablation.ipynb`, run that
-# first with the same `workdir_root`): for a grid of test images, the input and the
-# last layer's map for every class (after its ReLU) on one colour scale, the true class's
-# map framed in green and a wrong prediction's in red. The same body trained with an FC
-# head is drawn for contrast: nothing forces its maps to mean anything per class.
+# those maps for trained models of the head ablation (`head_ablation.ipynb`; run it first with
+# the same `workdir_root`): for a grid of test images, the input and the last layer's map for
+# every class (after its ReLU) on one colour scale, the true class's map framed in green and a
+# wrong prediction's in red. The same body trained with an FC head is drawn for contrast:
+# nothing forces its maps to mean anything per class. A GAP run that failed (a class map dead
+# on every image) is drawn too when the ablation has one, so the failure can be seen.
 #
 # ```bash
-# papermill notebooks/class_maps.ipynb out.ipynb -k python3 -p workdir_root /tmp/abl
+# papermill notebooks/class_maps.ipynb out.ipynb -k python3 -p workdir_root /tmp/nin_head_ablation
 # ```
 
 # %% tags=["parameters"]
 workdir_root = "/tmp/nin_head_ablation"  # The head ablation's.
+results = "notebooks/results"  # Its records, to find a failed GAP run.
 setting = "full"  # Its setting: full or small.
 seed = 0
 num_images = 6  # Test images in the grid, one per class from class 0 on.
 
 # %%
-import os
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 from etils import epath
 
-from nin_jax import analysis, checkpointing, lineage
+from nin_jax import ablation, analysis, checkpointing, lineage
+
+
+records = {r["name"]: r for r in ablation.records(Path(results))}
+
+
+def load(name: str):
+  workdir = ablation.workdir_of(records[name], workdir_root)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"{workdir} is not here: run notebooks/head_ablation.ipynb with this workdir_root.")
+  config = ml_collections.ConfigDict(lineage.effective_config(epath.Path(workdir)))
+  model, step = checkpointing.load_model(str(workdir), config)
+  print(f"{name}: {workdir}, checkpoint at step {step}")
+  return model, config
+
 
 models, configs_ = {}, {}
 for head in ("gap", "fc"):
-  workdir = os.path.join(workdir_root, setting, head, f"seed{seed}")
-  configs_[head] = ml_collections.ConfigDict(lineage.effective_config(epath.Path(workdir)))
-  models[head], step = checkpointing.load_model(workdir, configs_[head])
-  print(f"{head}: {workdir}, checkpoint at step {step}")
+  models[head], configs_[head] = load(f"{setting}-{head}-{seed}")
 
 config = configs_["gap"]
 test_x, test_y = analysis.dataset_images(config, "test", 2000)
@@ -70,6 +83,25 @@ print(f"largest |logit − mean of its map|: {mismatch:.2e}")
 assert mismatch < 1e-4, "the GAP logits are not the means of the captured maps"
 analysis.show(analysis.plot_class_maps(images, maps, labels, logits.argmax(-1), names,
                                     "GAP head: last mlpconv layer, one map per class"))
+
+# %% [markdown]
+# ## A failed GAP run
+#
+# The first failed GAP run of the ablation whose workdir is here: its dead class's map is zero on
+# every image, so that class's logit is 0 and it loses to any class with a positive score.
+
+# %%
+failed = [r for r in records.values() if r["head"] == "gap" and r["failed"] and not r["diverged"]
+          and ablation.workdir_of(r, workdir_root).is_dir()]
+if failed:
+  failed_model, failed_config = load(failed[0]["name"])
+  failed_x, failed_y = analysis.dataset_images(failed_config, "test", 2000)
+  failed_maps, failed_logits = analysis.class_maps(failed_model, failed_x[picked])
+  print(f"dead classes: {failed[0]['dead_classes']}")
+  analysis.show(analysis.plot_class_maps(failed_x[picked], failed_maps, failed_y[picked], failed_logits.argmax(-1),
+                                         names, f"failed GAP run {failed[0]['name']}"))
+else:
+  print("no failed GAP run of the ablation is here to draw")
 
 # %% [markdown]
 # ## FC head, same body

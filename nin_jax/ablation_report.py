@@ -1,0 +1,215 @@
+"""The head ablation's tables, tests and conclusion, computed from its run records alone.
+
+`nin_jax/ablation.py` writes one record per run; everything here reads those records (or
+`head_ablation.json`), so the notebook, the README and any later reader see the same
+numbers. A failed run (a dead class map, a class never predicted, a divergence) is counted
+and listed, never averaged: the means, intervals and paired tests use the healthy runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nin_jax import analysis
+
+PAPER_CIFAR10 = {"fc": 11.59, "fc_dropout": 10.88, "gap": 10.41}  # Table 5, test error %.
+COMPARISONS = (("gap", "fc"), ("gap", "fc_dropout"))  # The paper's claim: GAP has the lower error.
+
+
+def runs_of(records: list[dict], setting: str, head: str | None = None) -> list[dict]:
+  return sorted((r for r in records if r["setting"] == setting and head in (None, r["head"])),
+                key=lambda r: r["seed"])
+
+
+def healthy(records: list[dict]) -> list[dict]:
+  return [r for r in records if not r["failed"]]
+
+
+def _interval(values: list[float]) -> str:
+  if not values:
+    return "–"
+  mean, low, high = analysis.t_interval(values)
+  return f"{mean:.2f}" + (f" [{low:.2f}, {high:.2f}]" if len(values) > 1 else "")
+
+
+def _mean(values: list[float]) -> str:
+  return f"{np.mean(values):.2f}" if values else "–"
+
+
+def summary_table(records: list[dict], setting: str, heads: list[str], paper: dict | None = None) -> str:
+  """Per head: runs and failures, then over the healthy runs the test error's mean and 95%
+  t-interval, the train error (whole training split), test - train, and how often the true
+  class has the strongest map."""
+  header = ["head", "runs (failed)", "test error % [95% CI]", "train error %", "test − train",
+            "true class's map strongest % [95% CI]"] + (["paper, CIFAR-10 %"] if paper else [])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for head in heads:
+    mine = runs_of(records, setting, head)
+    ok = healthy(mine)
+    cells = [f"`{head}`", f"{len(mine)} ({len(mine) - len(ok)})", _interval([r["test_error"] for r in ok]),
+             _mean([r["train_error"] for r in ok]), _mean([r["test_error"] - r["train_error"] for r in ok]),
+             _interval([r["true_class_strongest_map"] for r in ok])]
+    if paper:
+      cells.append(f"{paper[head]:.2f}" if head in paper else "")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def map_share_table(records: list[dict], setting: str, heads: list[str]) -> str:
+  """Per seed, the share (%) of test images whose true class has the strongest mean map
+  (GAP: its accuracy; FC: whether its maps still mean anything per class); failed runs in
+  parentheses and left out of the mean and interval."""
+  lines = ["| head | per seed | mean [95% CI] |", "|---|---|---|"]
+  for head in heads:
+    mine = [r for r in runs_of(records, setting, head) if r["true_class_strongest_map"] is not None]
+    per_seed = ", ".join((f"{r['seed']}: ({r['true_class_strongest_map']:.1f})" if r["failed"] else
+                          f"{r['seed']}: {r['true_class_strongest_map']:.1f}") for r in mine)
+    lines.append(f"| `{head}` | {per_seed or '–'} | "
+                 f"{_interval([r['true_class_strongest_map'] for r in healthy(mine)])} |")
+  return "\n".join(lines)
+
+
+def paired(records: list[dict], setting: str, a: str, b: str) -> dict | None:
+  """Test error of head a minus head b over the seeds where both runs are healthy."""
+  by_seed = {h: {r["seed"]: r["test_error"] for r in healthy(runs_of(records, setting, h))} for h in (a, b)}
+  seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+  if not seeds:
+    return None
+  return {**analysis.paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds]),
+          "seeds": seeds}
+
+
+def paired_table(records: list[dict], setting: str) -> str:
+  lines = ["| difference (test error, points) | seeds | mean | 95% CI | paired t-test p |", "|---|---|---|---|---|"]
+  for a, b in COMPARISONS:
+    d = paired(records, setting, a, b)
+    if d is None:
+      lines.append(f"| `{a}` − `{b}` | 0 | – | – | – |")
+      continue
+    ci = f"{d['low']:+.2f} to {d['high']:+.2f}" if d["pairs"] > 1 else "–"
+    p = f"{d['p_value']:.3g}" if d["pairs"] > 1 else "–"
+    lines.append(f"| `{a}` − `{b}` | {d['pairs']} | {d['mean']:+.2f} | {ci} | {p} |")
+  return "\n".join(lines)
+
+
+def convergence(records: list[dict], setting: str, long_setting: str, head: str) -> dict | None:
+  """Whether twice the training changes the test error by more than the seeds' spread: the
+  long run's error against the range of the healthy runs' errors (converged when inside)."""
+  errors = [r["test_error"] for r in healthy(runs_of(records, setting, head))]
+  long = healthy(runs_of(records, long_setting, head))
+  if not errors or not long:
+    return None
+  low, high = min(errors), max(errors)
+  value = long[0]["test_error"]
+  return {"head": head, "long": value, "low": low, "high": high, "converged": low <= value <= high}
+
+
+def convergence_table(records: list[dict], setting: str, long_setting: str, heads: list[str]) -> str:
+  lines = ["| head | seeds' test error range % | twice as long, seed 0 % | within the range |", "|---|---|---|---|"]
+  for head in heads:
+    c = convergence(records, setting, long_setting, head)
+    lines.append(f"| `{head}` | – | – | not run |" if c is None else
+                 f"| `{head}` | {c['low']:.2f} – {c['high']:.2f} | {c['long']:.2f} | "
+                 f"{'yes' if c['converged'] else '**no**'} |")
+  return "\n".join(lines)
+
+
+def diagnosis(record: dict) -> str:
+  if record["diverged"]:
+    return record["diagnosis"]
+  dead = record["dead_classes"]
+  parts = [f"class maps zero on every test image: {dead['zero_maps']}"] if dead["zero_maps"] else []
+  parts += [f"never predicted: {dead['never_predicted']}"] if dead["never_predicted"] else []
+  return "; ".join(parts)
+
+
+def failures_table(records: list[dict]) -> str:
+  """Every failed run with its diagnosis (an empty table says so)."""
+  failed = [r for r in records if r["failed"]]
+  if not failed:
+    return "No run failed."
+  lines = ["| run | learning rate | test error % | diagnosis |", "|---|---|---|---|"]
+  for r in failed:
+    error = "–" if r["test_error"] is None else f"{r['test_error']:.2f}"
+    lines.append(f"| `{r['name']}` | {r['learning_rate']:g} | {error} | {diagnosis(r)} |")
+  return "\n".join(lines)
+
+
+def failure_rates(records: list[dict], groups: dict[str, list[str]], head: str = "gap") -> str:
+  """Failed / total runs of `head` per group of settings (e.g. the old recipe and the new),
+  and how many of the failures had a class map dead on every test image (the ReLU failure)
+  rather than a class that a live map never made the top score."""
+  lines = [f"| recipe | `{head}` runs | failed | of which a dead class map | share failed |", "|---|---|---|---|---|"]
+  for label, settings in groups.items():
+    mine = [r for r in records if r["head"] == head and r["setting"] in settings]
+    failed = [r for r in mine if r["failed"]]
+    dead_maps = sum(bool(r["dead_classes"]["zero_maps"]) for r in failed)
+    share = f"{100 * len(failed) / len(mine):.0f}%" if mine else "–"
+    lines.append(f"| {label} | {len(mine)} | {len(failed)} | {dead_maps} | {share} |")
+  return "\n".join(lines)
+
+
+def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, float]) -> str:
+  """Final validation error of every grid run, the chosen rate per head in bold."""
+  rates = sorted({r["learning_rate"] for r in grid})
+  lines = ["| head | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
+  for head in heads:
+    cells = []
+    for lr in rates:
+      found = [r for r in grid if r["head"] == head and r["learning_rate"] == lr]
+      if not found:
+        cells.append("–")
+        continue
+      r = found[0]
+      text = "failed" if r["failed"] else f"{list(r['validation_error_by_step'].values())[-1]:.2f}"
+      cells.append(f"**{text}**" if chosen.get(head) == lr else text)
+    lines.append(f"| `{head}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def conclusion(records: list[dict], settings: dict[str, int]) -> str:
+  """What the paired differences decide, per setting: only what their intervals support."""
+  lines = []
+  for setting, examples in settings.items():
+    for a, b in COMPARISONS:
+      d = paired(records, setting, a, b)
+      if d is None or d["pairs"] < 2:
+        lines.append(f"- **{setting}** ({examples:,} training images): too few paired healthy seeds to "
+                     f"compare `{a}` with `{b}`.")
+        continue
+      lines.append(f"- **{setting}** ({examples:,} training images): "
+                   + analysis.verdict(f"`{a}`", f"`{b}`", d) + ".")
+  failed = sum(r["failed"] for r in records if r["setting"] in settings)
+  total = sum(1 for r in records if r["setting"] in settings)
+  lines.append(f"- {failed} of {total} runs failed and are left out of these comparisons (listed below).")
+  return "\n".join(lines)
+
+
+def validation_curves(records: list[dict], setting: str, heads: list[str], title: str = ""):
+  """Per-epoch validation error per head: each healthy seed thin, the mean thick, and the
+  95% t-band of the mean over seeds shaded (runs aligned by step, never by position)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for index, head in enumerate(heads):
+    curves = [np.array([(int(s), e) for s, e in r["validation_error_by_step"].items()], dtype=float)
+              for r in healthy(runs_of(records, setting, head))]
+    curves = [c[np.argsort(c[:, 0])] for c in curves if len(c)]
+    if not curves:
+      continue
+    for curve in curves:
+      ax.plot(curve[:, 0], curve[:, 1], color=f"C{index}", lw=0.6, alpha=0.4)
+    steps, mean = analysis.mean_curve(curves)
+    ax.plot(steps, mean, color=f"C{index}", lw=2, label=f"{head} ({len(curves)} seeds)")
+    if len(curves) > 1:
+      bands = [analysis.t_interval([dict(map(tuple, c))[s] for c in curves]) for s in steps]
+      ax.fill_between(steps, [b[1] for b in bands], [b[2] for b in bands], color=f"C{index}", alpha=0.2)
+  ax.set(xlabel="step", ylabel="validation error (%)", title=title)
+  if ax.lines:
+    values = np.concatenate([line.get_ydata() for line in ax.lines])
+    ax.set_ylim(max(values.min() - 1, 0), np.percentile(values, 90) + 1)  # Not the first epochs' errors.
+    ax.legend()
+  else:
+    ax.text(0.5, 0.5, "no healthy run yet", ha="center", va="center", transform=ax.transAxes)
+  fig.tight_layout()
+  return fig
+
