@@ -16,5 +16,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 python -m nin_jax.onednn_build

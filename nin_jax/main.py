@@ -24,7 +24,8 @@ _FAST_CPU_FUSIONS = flags.DEFINE_bool(
     f"On CPU, let XLA run dots and reductions through YNNPACK ({_YNN_FLAG}): ~1.25x faster "
     "NIN training here, float32 results within ~1e-5 (relative) of the plain path. Ignored on GPU/TPU.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI).")
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI <= 4; Open MPI 5 "
+    "needs --coordinator_address).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for manual multi-host.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for manual multi-host.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for manual multi-host.")
@@ -43,6 +44,21 @@ def use_fast_cpu_fusions() -> None:
   """
   if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}".strip()
+
+
+def _process_group(env) -> tuple[str | None, int | None, int | None]:
+  """(coordinator, process count, process id) for jax.distributed.initialize: the flags, else
+  what JAX detects (TPU pods, Slurm, Open MPI up to 4). Open MPI 5 launches through PRRTE and
+  no longer sets OMPI_MCA_orte_hnp_uri, which JAX's detection reads: there the count and id
+  come from its OMPI_COMM_WORLD_* variables and the coordinator from --coordinator_address."""
+  count, rank = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if "OMPI_COMM_WORLD_SIZE" in env and "OMPI_MCA_orte_hnp_uri" not in env:
+    if not _COORDINATOR.value:
+      _fail("Open MPI 5 gives JAX no coordinator address: add --coordinator_address=HOST:PORT "
+            "(the first process's host and a free port).")
+    count = count if count is not None else int(env["OMPI_COMM_WORLD_SIZE"])
+    rank = rank if rank is not None else int(env["OMPI_COMM_WORLD_RANK"])
+  return _COORDINATOR.value, count, rank
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -66,7 +82,7 @@ def main(argv: list[str]) -> None:
 
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only used on CPU.
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(*_process_group(os.environ))
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except errors.SaveFailed as e:

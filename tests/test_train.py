@@ -303,7 +303,7 @@ def test_slurm_sbatch_joins_its_tasks_through_slurm_detection(tmp_path, uninterr
   srun.chmod(0o755)
   job_id = 100000 + os.getpid() % 4096  # JAX's coordinator port: 61440 + job id % 4096.
   env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHON": sys.executable,
-         "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT,
+         "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   workdir = tmp_path / "run"
   proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--nofast_cpu_fusions", "--config",
