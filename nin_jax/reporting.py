@@ -14,6 +14,7 @@ from etils import epath
 from nin_jax import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"  # Lines of steps a resumed run trained again.
 
 
 def format_duration(seconds: float) -> str:
@@ -24,7 +25,8 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLog:
-  """`metrics.jsonl`: one JSON object per line, append-only as its readers see it.
+  """`metrics.jsonl`: one JSON object per line and one line per step, appended to (a resume
+  first moves the lines of steps it trains again to `metrics.superseded.jsonl`).
 
   Object stores cannot append (gcsfs's append mode silently overwrites), so on a URL
   the log reads the existing object once, at start, and rewrites the whole object at
@@ -49,6 +51,30 @@ class MetricsLog:
     if data and not data.endswith(b"\n"):
       with open(self.path, "r+b") as f:
         f.truncate(data.rfind(b"\n") + 1)
+
+  def supersede_after(self, step: int) -> int:
+    """Moves the lines of steps after `step` (the checkpoint a run resumes from) to
+    `metrics.superseded.jsonl` and returns how many: a run stopped between a log step and
+    its next checkpoint had written them, and the resumed run trains and logs those steps
+    again, so `metrics.jsonl` keeps one line per step and nothing is lost. The superseded
+    lines are written first: a crash in between leaves them in both files, never in none."""
+    text = self._text if self._remote else (self.path.read_text() if self.path.exists() else "")
+    lines = text.splitlines(keepends=True)
+    later = [line for line in lines if json.loads(line)["step"] > step]
+    if not later:
+      return 0
+    superseded = self.path.parent / SUPERSEDED_FILE
+    earlier = superseded.read_text() if superseded.exists() else ""
+    workdir_lib.write_text(superseded, earlier + "".join(later))
+    kept = "".join(line for line in lines if json.loads(line)["step"] <= step)
+    if self._remote:
+      self._text = kept
+      self.path.write_text(kept)
+    else:
+      self._file.close()
+      workdir_lib.write_text(self.path, kept)
+      self._file = self.path.open("a", encoding="utf-8")
+    return len(later)
 
   def append(self, record: dict) -> None:
     line = json.dumps(record) + "\n"
@@ -96,6 +122,15 @@ class Reporter:
     self.log.append(record)
     if self._tensorboard_dir is not None:
       self._scalars(step, metrics)
+
+  def resume_at(self, step: int) -> None:
+    """Before a run (re)starts at `step`: earlier lines of later steps go to the superseded
+    file (`MetricsLog.supersede_after`), saying so."""
+    if self.enabled:
+      moved = self.log.supersede_after(step)
+      if moved:
+        self.print(f"moved {moved} metric line(s) of steps after {step}, logged before the run stopped and "
+                   f"trained again now, to {SUPERSEDED_FILE}")
 
   def print(self, message: str) -> None:
     if self.enabled:

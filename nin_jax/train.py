@@ -294,6 +294,7 @@ def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float
     else:
       if is_main:
         workdir_lib.remove_final(job.workdir)  # Of a shorter run this one continues.
+      reporter.resume_at(start_step)  # One line per step in metrics.jsonl.
       final = train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None)
     if is_main:
       workdir_lib.write_final(job.workdir, job.num_steps, final)

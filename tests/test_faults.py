@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 import pytest
+from etils import epath
 
-from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, train, workdir
+from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, reporting, train, workdir
 from tests.helpers import (ROOT, can_unshare_network, needs_fmnist, read_metrics, run_main, small_config,
                            without_timing, write_config_file)
 from tests.imagenet_files import write_ilsvrc_tars
@@ -405,3 +406,44 @@ def test_hosts_of_a_multi_host_run_do_not_each_build_imagenet(tmp_path, capsys):
   assert imagenet_prepare.main([f"--data_dir={data_dir}", f"--manual_dir={manual}"]) == 0
   assert "4 train and 3 validation images" in capsys.readouterr().out
   assert imagenet_prepare.prepared_builder(str(data_dir), str(manual), process_count=2).is_prepared()
+
+
+def test_supersede_moves_the_lines_after_a_step_and_keeps_appending(tmp_path):
+  log = reporting.MetricsLog(epath.Path(tmp_path) / "metrics.jsonl")
+  for step in (2, 4, 6):
+    log.append({"step": step, "train_loss": float(step)})
+  log.append({"step": 4, "eval_accuracy": 0.5})
+  assert log.supersede_after(4) == 1 and log.supersede_after(4) == 0
+  log.append({"step": 6, "train_loss": 60.0})
+  log.close()
+  assert [(r["step"], r.get("train_loss")) for r in read_metrics(tmp_path)] == [(2, 2.0), (4, 4.0), (4, None), (6, 60.0)]
+  with open(tmp_path / "metrics.superseded.jsonl") as f:
+    assert [json.loads(line) for line in f] == [{"step": 6, "train_loss": 6.0}]
+
+
+@needs_fmnist
+def test_a_run_killed_between_a_log_step_and_its_checkpoint_logs_each_step_once(tmp_path):
+  """kill -9 after the lines of steps 5 and 6 are written but before the checkpoint at 8:
+  the resumed run trains 5-8 again; metrics.jsonl holds each step once, and the earlier
+  lines of 5 and 6 are in metrics.superseded.jsonl."""
+  config = small_config(num_train_steps=12, log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=-1)
+  command = [sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", "--config",
+             write_config_file(tmp_path, config), "--workdir", str(tmp_path / "w")]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in run.stdout:
+    if line.startswith("step 6/12"):
+      run.kill()  # SIGKILL: no handler runs, nothing is flushed or saved.
+      break
+  run.wait()
+  logged = [r["step"] for r in read_metrics(tmp_path / "w") if "train_loss" in r]
+  assert logged[-1] == 6
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  start = int(re.search(r"resumed from the checkpoint at step (\d+)", resumed.stdout).group(1))
+  assert start == 4
+  assert "moved 2 metric line(s) of steps after 4" in resumed.stdout
+  steps = [r["step"] for r in read_metrics(tmp_path / "w") if "train_loss" in r]
+  assert steps == list(range(1, 13))  # Each step once.
+  with open(tmp_path / "w" / "metrics.superseded.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [5, 6]

@@ -93,3 +93,18 @@ def test_gs_workdir_survives_sigterm_and_resumes_exactly(tmp_path, gcs, uninterr
   assert (final["eval_accuracy"], final["eval_loss"]) == (straight["eval_accuracy"], straight["eval_loss"])
   assert "run/lock.json" not in names  # Released by both segments, the interrupted one included.
   assert os.listdir(cwd) == []  # Nothing leaked onto the local disk (e.g. a `gs:` directory).
+
+
+def test_superseded_metric_lines_move_on_gs_too(gcs):
+  """A resume's superseded lines on an object store: both objects are rewritten whole."""
+  script = ("from etils import epath\nfrom nin_jax import reporting, workdir\n"
+            f"log = reporting.MetricsLog(workdir.resolve('gs://{BUCKET}/m') / 'metrics.jsonl')\n"
+            "for step in (2, 4, 6, 8):\n  log.append({'step': step})\n"
+            "print(log.supersede_after(4))\nlog.append({'step': 6, 'again': True})\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr[-2000:]
+  assert [json.loads(line) for line in _read(gcs, "m/metrics.jsonl").splitlines()] == [
+      {"step": 2}, {"step": 4}, {"step": 6, "again": True}]
+  assert [json.loads(line) for line in _read(gcs, "m/metrics.superseded.jsonl").splitlines()] == [
+      {"step": 6}, {"step": 8}]
