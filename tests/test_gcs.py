@@ -108,3 +108,39 @@ def test_superseded_metric_lines_move_on_gs_too(gcs):
       {"step": 2}, {"step": 4}, {"step": 6, "again": True}]
   assert [json.loads(line) for line in _read(gcs, "m/metrics.superseded.jsonl").splitlines()] == [
       {"step": 6}, {"step": 8}]
+
+
+def test_the_emulator_honours_generation_preconditions_as_gcs_documents(gcs):
+  """ifGenerationMatch on uploads (simple and resumable) and deletes: 0 means "must not
+  exist", a mismatch is 412 and changes nothing, generations grow with every write."""
+  script = f"""
+from google.api_core.exceptions import PreconditionFailed
+from google.cloud import storage
+blob = storage.Client(project="p").bucket("{BUCKET}").blob("c/lock.json")
+blob.upload_from_string("a", if_generation_match=0)
+first = blob.generation
+for attempt in [lambda: blob.upload_from_string("b", if_generation_match=0),
+                lambda: blob.upload_from_string("b", if_generation_match=first + 1),
+                lambda: blob.delete(if_generation_match=first + 1)]:
+  try:
+    attempt(); print("proceeded")
+  except PreconditionFailed as e:
+    print("412", e.code)
+blob.upload_from_string("c", if_generation_match=first)
+second = blob.generation
+print("grew", second > first, blob.download_as_text())
+blob.chunk_size = 256 * 1024  # A resumable upload: the precondition is checked when it completes.
+try:
+  blob.upload_from_string("x" * (600 * 1024), if_generation_match=first)
+except PreconditionFailed:
+  print("resumable 412")
+blob.reload()
+print("after", blob.generation == second, blob.download_as_text())
+blob.delete(if_generation_match=second)
+print("deleted", not blob.exists())
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == ["412 412", "412 412", "412 412", "grew True c", "resumable 412",
+                                      "after True c", "deleted True"]
