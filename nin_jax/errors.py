@@ -15,6 +15,10 @@ class DataError(UserError):
   """A data set is missing or unreadable."""
 
 
+class WorkdirLost(UserError):
+  """Another run took the workdir's lock over behind this one's back; this run saved nothing more."""
+
+
 class TrainingDiverged(UserError):
   """The loss or the state became NaN or infinite; only finite checkpoints were saved."""
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nin_jax import (checkpointing, dtype_probe, input_pipeline, job as job_lib, lineage, lock, onednn,
                      optim, preemption, reporting, train_metrics, workdir as workdir_lib)
-from nin_jax.errors import Interrupted
+from nin_jax.errors import Interrupted, WorkdirLost
 
 
 def _host_sync():
@@ -169,8 +169,10 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: checkpointing.ocp.CheckpointManager,
-               on_first_save: Callable[[], None] | None = None) -> dict[str, float]:
-  """Steps from `start_step` to the end; returns the last evaluation's metrics."""
+               on_first_save: Callable[[], None] | None = None,
+               held: lock.WorkdirLock | None = None) -> dict[str, float]:
+  """Steps from `start_step` to the end; returns the last evaluation's metrics. Stops,
+  saving nothing, if another run took the workdir's lock over (`held.lost`)."""
   job, c, reporter = trainer.job, trainer.job.config, trainer.reporter
   metrics = train_metrics.TrainMetrics(saved, num_classes=job.model.spec.num_classes,
                                        stuck_loss_steps=c.stuck_loss_steps, say=reporter.print,
@@ -185,6 +187,9 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: c
       metrics.pending.append(step_metrics)
       images += c.batch_size
       stopping = stop.requested(step)
+      if held is not None and held.lost:
+        raise WorkdirLost(f"Stopped at step {step} without saving: another run took over {job.workdir}; "
+                                 "its checkpoints are now that run's. Use another --workdir for this one.")
       with _host_sync():
         if _due(step, c.log_every_steps, job.num_steps):
           metrics.fetch(step)
@@ -249,11 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   path = workdir_lib.prepare(workdir)
   # One writer per workdir: the run's first host holds the lock for all of its hosts.
-  with lock.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _run(config, path, devices)
+  with lock.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext() as held:
+    return _run(config, path, devices, held)
 
 
-def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float]:
+def _run(config: ml_collections.ConfigDict, workdir, devices, held: lock.WorkdirLock | None) -> dict[str, float]:
   job = job_lib.make_job(config, workdir, devices)
   is_main = jax.process_index() == 0
   reporter = reporting.Reporter(job.workdir, total_steps=job.num_steps, enabled=is_main)
@@ -295,7 +300,8 @@ def _run(config: ml_collections.ConfigDict, workdir, devices) -> dict[str, float
       if is_main:
         workdir_lib.remove_final(job.workdir)  # Of a shorter run this one continues.
       reporter.resume_at(start_step)  # One line per step in metrics.jsonl.
-      final = train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None)
+      final = train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None,
+                         held=held)
     if is_main:
       workdir_lib.write_final(job.workdir, job.num_steps, final)
     return final

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -447,3 +448,34 @@ def test_a_run_killed_between_a_log_step_and_its_checkpoint_logs_each_step_once(
   assert steps == list(range(1, 13))  # Each step once.
   with open(tmp_path / "w" / "metrics.superseded.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [5, 6]
+
+
+@needs_fmnist
+def test_a_run_whose_lock_was_taken_over_stops_without_saving(tmp_path, monkeypatch):
+  """Another run takes the lock over (as it would after this run's heartbeat stalled): at its
+  next heartbeat this run learns so, stops with one line and saves nothing more, and leaves
+  the other run's lock in place."""
+  monkeypatch.setattr(lock, "HEARTBEAT_SECONDS", 0.05)
+  config = small_config(num_train_steps=5000, checkpoint_every_steps=4000, log_every_steps=4000,
+                        eval_every_steps=-1)
+  workdir, failure = tmp_path / "w", []
+
+  def run():
+    try:
+      train.train_and_evaluate(config, str(workdir))
+    except errors.UserError as e:
+      failure.append(e)
+
+  trainer = threading.Thread(target=run)
+  trainer.start()
+  deadline = time.time() + 120
+  while not (workdir / "lock.json").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(1.0)
+  other = {"host": "elsewhere", "pid": 1, "token": "the other run", "since": time.time(), "heartbeat": time.time()}
+  (workdir / "lock.json").write_text(json.dumps(other))
+  trainer.join(timeout=120)
+  assert not trainer.is_alive() and len(failure) == 1 and isinstance(failure[0], errors.WorkdirLost)
+  assert str(failure[0]).startswith("Stopped at step ") and "without saving: another run took over" in str(failure[0])
+  assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+  assert json.loads((workdir / "lock.json").read_text())["token"] == "the other run"

@@ -144,3 +144,89 @@ print("deleted", not blob.exists())
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ["412 412", "412 412", "412 412", "grew True c", "resumable 412",
                                       "after True c", "deleted True"]
+
+
+# A TCP proxy to the emulator that holds every chunk a client sends for `delay` seconds: a
+# loaded network or a retried upload, for one of two runs racing for one workdir.
+_RACE = """
+import json, socket, sys, threading, time
+from google.cloud import storage
+from etils import epath
+from nin_jax import lock
+
+emulator_port, trials, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+def pipe(source, sink, wait):
+  try:
+    while data := source.recv(65536):
+      time.sleep(wait)
+      sink.sendall(data)
+  except OSError:
+    pass
+  finally:
+    sink.close()
+
+def serve(listener):
+  while True:
+    client, _ = listener.accept()
+    upstream = socket.create_connection(("127.0.0.1", emulator_port))
+    threading.Thread(target=pipe, args=(client, upstream, delay), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client, 0), daemon=True).start()
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+threading.Thread(target=serve, args=(listener,), daemon=True).start()
+slow_endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+def contend(workdir, slow, outcome):
+  held = lock.WorkdirLock(workdir, say=lambda message: None)
+  if slow:  # The same lock, its requests through the slow proxy.
+    client = storage.Client(project="p", client_options={"api_endpoint": slow_endpoint})
+    held._object._blob = client.bucket(held._object._blob.bucket.name).blob(held._object._blob.name)
+  try:
+    outcome[slow] = held.__enter__()
+  except lock.WorkdirInUse:
+    outcome[slow] = None
+
+for trial in range(trials):
+  workdir, outcome = epath.Path(f"gs://nin-test/race{trial}"), {}
+  threads = [threading.Thread(target=contend, args=(workdir, slow, outcome)) for slow in (False, True)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  holders = [held for held in outcome.values() if held is not None]
+  print(len(holders), flush=True)
+  for held in holders:
+    held.__exit__(None, None, None)
+"""
+
+
+def test_two_runs_racing_for_a_gs_workdir_never_both_hold_it(gcs):
+  port = urllib.parse.urlparse(gcs).port
+  proc = subprocess.run([sys.executable, "-c", _RACE, str(port), "20", "0.3"], cwd=ROOT, env=_emulator_env(gcs),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["1"] * 20  # Exactly one holder in every trial.
+
+
+def test_a_gs_lock_taken_over_behind_a_runs_back_is_lost_at_its_next_heartbeat(gcs):
+  script = f"""
+import time
+from google.cloud import storage
+from etils import epath
+from nin_jax import lock
+lock.HEARTBEAT_SECONDS = 0.1
+said = []
+held = lock.WorkdirLock(epath.Path("gs://{BUCKET}/taken"), say=said.append).__enter__()
+storage.Client(project="p").bucket("{BUCKET}").blob("taken/lock.json").upload_from_string('{{"token": "other"}}')
+time.sleep(1.0)
+held.__exit__(None, None, None)
+print(held.lost, said[0].startswith("error: another run took over gs://{BUCKET}/taken"))
+print(storage.Client(project="p").bucket("{BUCKET}").blob("taken/lock.json").download_as_text())
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == ["True True", '{"token": "other"}']  # The new holder's lock stays.
