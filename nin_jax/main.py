@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: no INFO noise.
-
 from absl import flags, logging
 from ml_collections import config_flags
 

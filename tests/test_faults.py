@@ -479,3 +479,16 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(tmp_path, monkeypa
   assert str(failure[0]).startswith("Stopped at step ") and "without saving: another run took over" in str(failure[0])
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
   assert json.loads((workdir / "lock.json").read_text())["token"] == "the other run"
+
+
+def test_tensorflow_start_up_lines_are_silenced_for_every_entry_point():
+  """`python -m nin_jax.imagenet_prepare` printed TensorFlow's C++ start-up lines (I0000 ...
+  cpu_feature_guard.cc) before its own: the package sets TF_CPP_MIN_LOG_LEVEL first."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  bare = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True,
+                        timeout=120, check=False)
+  ours = subprocess.run([sys.executable, "-c", "import nin_jax.imagenet_prepare"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert ours.returncode == 0, ours.stderr[-2000:]
+  assert "I0000" in bare.stderr  # What TensorFlow prints on its own here (the check can fail).
+  assert "I0000" not in ours.stderr and ours.stderr == "", ours.stderr[-2000:]
