@@ -466,16 +466,19 @@ cmd_babysit() {
         again stop --grace 30 || true
         again train -- "${TRAIN_ARGS[@]}" || { node_ready=0; sleep "$POLL"; } ;;
       SUSPENDED|FAILED)
-        if ((!requeued)); then retry "$NAME is $state"; requeued=1; fi  # One retry per loss, however long the requeue.
+        # One retry per loss, however many gcloud errors its delete and queue meet; a new
+        # request that fails again is a new loss.
+        if ((!requeued)); then retry "$NAME is $state"; requeued=1; fi
         if gcloud compute tpus queued-resources delete "$NAME" "${LOCATION[@]}" --force --quiet 2>"$GCLOUD_ERROR"; then
-          again queue 2>"$GCLOUD_ERROR" || backoff "queueing $NAME"
+          if again queue 2>"$GCLOUD_ERROR"; then requeued=0; else backoff "queueing $NAME"; fi
         else
           backoff "deleting $NAME"
         fi
         node_ready=0 ;;
       NOT_FOUND)
         node_ready=0
-        if ! again queue 2>"$GCLOUD_ERROR" && ! grep -q ALREADY_EXISTS "$GCLOUD_ERROR"; then backoff "queueing $NAME"; fi ;;
+        if again queue 2>"$GCLOUD_ERROR"; then requeued=0
+        elif ! grep -q ALREADY_EXISTS "$GCLOUD_ERROR"; then backoff "queueing $NAME"; fi ;;
       CREATING|ACCEPTED|WAITING_FOR_RESOURCES|PROVISIONING|SUSPENDING|DELETING) sleep "$POLL" ;;
       *) say "babysit: $NAME is in a state this script does not know ('$state'); looking again in $POLL s"; sleep "$POLL" ;;
     esac

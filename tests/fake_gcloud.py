@@ -130,7 +130,8 @@ def _queued_resources(argv: list[str], cloud: dict) -> int:
     if qr is not None:
       sys.stderr.write(f"ERROR: ({command}) ALREADY_EXISTS: Resource '{_resource(argv)}' already exists\n")
       return 1
-    cloud["qr"] = {"state": CREATE_PATH[0], "path": CREATE_PATH[1:], "active_describes": 0}
+    path = cloud.get("create_path", CREATE_PATH)  # E.g. ending in FAILED: capacity that never comes.
+    cloud["qr"] = {"state": path[0], "path": list(path[1:]), "active_describes": 0}
     cloud["creates"] = cloud.get("creates", 0) + 1
     return 0
   if verb == "describe":

@@ -375,6 +375,16 @@ def test_babysit_gives_up_after_its_retry_limit_and_deletes_the_tpu(tmp_path):
   assert cloud.cloud()["qr"] is None
 
 
+def test_a_request_that_keeps_failing_spends_one_retry_each_time_then_is_deleted(tmp_path):
+  cloud = FakeCloud(tmp_path, workers=1, create_path=["CREATING", "ACCEPTED", "FAILED"])
+  proc, calls = _babysit(cloud, "--max-retries", "2")
+  assert proc.returncode == 1 and "n is FAILED, and all 2 retries are used" in proc.stderr
+  attempt = ["final?", "state?"] * 2 + ["final?", "state?"]  # CREATING, ACCEPTED, FAILED.
+  assert calls == ["final?", "state?", "queue", *attempt, "delete", "queue", *attempt, "delete", "queue", *attempt,
+                   "delete"]
+  assert "retry 1 of 2" in proc.stderr and "retry 2 of 2" in proc.stderr and cloud.cloud()["qr"] is None
+
+
 def test_logs_are_read_from_the_bucket_after_the_vm_is_gone(tmp_path):
   cloud = FakeCloud(tmp_path)
   logs = tmp_path / "bucket" / "b" / "run" / "logs"
