@@ -7,13 +7,22 @@ reads the training tar first, for hours, so a truncated validation tar would was
 (and a truncated training tar fails only at its end). So the tars are checked before
 TFDS runs (present, complete) and a prepared set is checked before it is used (both
 splits there); every failure names the file or directory and what to do.
+
+TFDS copies the JPEG bytes without decoding them, so an image whose body is damaged (a
+truncated download, bit rot) is prepared without a word and would stop training at the
+same step on every resume. Preparing therefore decodes every image once, as training
+does, and records the names of those that fail in `undecodable.json` beside the prepared
+set (`--verify` does it again for a set that changed); the input pipeline drops those by
+name before it counts positions, so resumes stay exact and cheap.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 
 import tensorflow as tf
 
@@ -28,6 +37,8 @@ TARS = {"train": ("ILSVRC2012_img_train.tar", 147_897_477_120),
 # Images per split of ILSVRC-2012 (TFDS's imagenet2012 split sizes).
 FULL_SPLITS = {"train": 1_281_167, "validation": 50_000}
 TAR_BLOCK = 512  # A tar file is whole 512-byte blocks and ends with (at least) two zero blocks.
+RECORD = "undecodable.json"  # Beside the prepared set's dataset_info.json.
+PROGRESS_EVERY = 50_000  # Images between two progress lines of a verification.
 
 
 def tar_problem(path: str, full_size: int) -> str | None:
@@ -99,6 +110,69 @@ def _part_being_read(error: BaseException) -> str:
   return part or " or ".join(tar for tar, _ in TARS.values())
 
 
+def verify_command(builder) -> str:
+  """The command that (re)verifies the prepared set of `builder`."""
+  return f"python -m nin_jax.imagenet_prepare --verify --data_dir={builder._data_dir_root}"  # pylint: disable=protected-access
+
+
+def _decodes(example) -> tf.Tensor:
+  """Whether the image of `example` is a JPEG that decodes as training decodes it; a damaged
+  one raises. The verdict is computed from the pixels, so that tf.data cannot prune the decode."""
+  image = example["image"]
+  return tf.logical_and(tf.io.is_jpeg(image), tf.size(tf.io.decode_jpeg(image, channels=3)) > 0)
+
+
+def _verdicts(example) -> tf.data.Dataset:
+  """(file name, decodes): one element, whether the image decodes, fails, or raises."""
+  decoded = tf.data.Dataset.from_tensors(example).map(lambda ex: (ex["file_name"], _decodes(ex))).ignore_errors()
+  failed = tf.data.Dataset.from_tensors((example["file_name"], False))
+  return decoded.concatenate(failed).take(1)
+
+
+def find_undecodable(builder, split: str, say=print) -> list[str]:
+  """The file names of the images in `split` that fail to decode, sorted.
+
+  Every image is decoded once, in parallel; a failure is caught per image (ignore_errors
+  on a one-element data set), so one bad file costs nothing but its line in the record.
+  """
+  total = builder.info.splits[split].num_examples
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.interleave(_verdicts, cycle_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  undecodable, start = [], time.monotonic()
+  for checked, (name, decodes) in enumerate(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), 1):
+    if not decodes:
+      undecodable.append(name.decode())
+    if checked % PROGRESS_EVERY == 0 or checked == total:
+      seconds = time.monotonic() - start
+      say(f"verified {checked:,} of {total:,} {split} images ({checked / max(seconds, 1e-9):,.0f}/s): "
+          f"{len(undecodable):,} undecodable")
+  return sorted(undecodable)
+
+
+def verify(builder, say=print) -> dict[str, list[str]]:
+  """Decodes every image of the prepared set and writes the record of those that fail."""
+  record = {split: find_undecodable(builder, split, say) for split in FULL_SPLITS}
+  path = os.path.join(builder.data_dir, RECORD)
+  partial = path + ".partial"  # Written whole, then renamed: a reader never sees half a record.
+  with tf.io.gfile.GFile(partial, "w") as f:
+    json.dump(record, f, indent=1)
+  tf.io.gfile.rename(partial, path, overwrite=True)
+  for split, names in record.items():
+    if names:
+      say(f"warning: {len(names):,} {split} image(s) cannot be decoded and will be left out: "
+          f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (listed in {path})")
+  return record
+
+
+def undecodable(builder) -> dict[str, list[str]] | None:
+  """The record of undecodable images per split, or None if the set was never verified."""
+  path = os.path.join(builder.data_dir, RECORD)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
 def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
   """The imagenet2012 builder, prepared (from the tars in `manual_dir` if need be) and checked.
 
@@ -121,6 +195,8 @@ def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
       raise DataError(f"TFDS could not build imagenet2012 from {manual_dir}: {_part_being_read(e)} is damaged "
                       f"({type(e).__name__}: {reason}); compare its size and SHA-256 with image-net.org's, "
                       "download it again, and run again.") from e
+    check_prepared(builder)
+    verify(builder)
   check_prepared(builder)
   return builder
 
@@ -131,15 +207,24 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description="Prepare TFDS imagenet2012 from the two ILSVRC-2012 tars.")
   parser.add_argument("--data_dir", default="", help="TFDS data_dir (local or gs://); default TFDS's.")
   parser.add_argument("--manual_dir", default="", help="Directory of the two tars; default <data_dir>/downloads/manual.")
+  parser.add_argument("--verify", action="store_true",
+                      help="Decode every image of the prepared set again and rewrite the record of undecodable ones "
+                           "(for a set that changed since it was prepared or verified).")
   args = parser.parse_args(argv)
   try:
     builder = prepared_builder(args.data_dir, args.manual_dir)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
+  record = undecodable(builder)
+  if args.verify or record is None:  # A set prepared before images were verified gets its record now.
+    record = verify(builder)
   splits = builder.info.splits
-  print(f"imagenet2012 is prepared in {builder.data_dir}: {splits['train'].num_examples:,} train and "
-        f"{splits['validation'].num_examples:,} validation images.")
+  print(f"imagenet2012 is prepared in {builder.data_dir}: "
+        + " and ".join(f"{splits[s].num_examples - len(record[s]):,} {s}" for s in FULL_SPLITS)
+        + " images that decode" + (f" ({sum(map(len, record.values())):,} left out, listed in "
+                                   f"{os.path.join(builder.data_dir, RECORD)})" if any(record.values()) else "")
+        + ".")
   return 0
 
 

@@ -41,6 +41,7 @@ class Data:
   eval_batches: Callable[[], Iterator[Batch]]
   num_train_examples: int
   num_eval_examples: int
+  notes: tuple[str, ...] = ()  # Lines the trainer prints before it starts (e.g. images left out).
 
 
 def host_slice(global_batch: int, process_index: int, process_count: int) -> slice:

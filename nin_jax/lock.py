@@ -71,13 +71,18 @@ class _GcsObject:
   def read(self) -> tuple[dict | None, int | None]:
     """(holder, generation), or (None, None) when there is no lock."""
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    try:
-      self._blob.reload()
-      return json.loads(self._blob.download_as_text(if_generation_match=self._blob.generation)), self._blob.generation
-    except exceptions.NotFound:
-      return None, None
-    except (exceptions.PreconditionFailed, json.JSONDecodeError):  # Rewritten meanwhile: read it again.
-      return self.read()
+    while True:  # Until a generation is read whole; each retry means another run just wrote it.
+      try:
+        self._blob.reload()
+        text = self._blob.download_as_text(if_generation_match=self._blob.generation)
+      except exceptions.NotFound:
+        return None, None
+      except exceptions.PreconditionFailed:  # Rewritten between the two requests: read it again.
+        continue
+      try:
+        return json.loads(text), self._blob.generation
+      except json.JSONDecodeError:  # Uploads are atomic, so this is not a write in progress: damaged.
+        return {}, self._blob.generation
 
   def write(self, text: str, if_generation_match: int) -> bool:
     """Writes `text` if the object is at that generation (0: absent); False if it is not."""
@@ -132,8 +137,8 @@ class WorkdirLock:
             f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}, alive "
             f"{age:.0f} s ago); wait for it to finish or stop it, or use another --workdir.")
-      self._say(f"warning: taking over the stale lock of process {holder.get('pid')} on "
-                f"{holder.get('host')} (last alive {age:.0f} s ago).")
+      self._say(f"warning: taking over the stale lock of process {holder['pid']} on {holder.get('host')} (last "
+                f"alive {age:.0f} s ago)." if "pid" in holder else f"warning: replacing the unreadable {self.path}.")
       if self._object is not None:
         self._object.delete(if_generation_match=generation)  # Only the stale lock, never a newer one.
       else:

@@ -291,6 +291,8 @@ def _run(config: ml_collections.ConfigDict, workdir, devices, held: lock.Workdir
     else:
       record()
     reporter.print(_describe(job))
+    for note in job.data.notes:
+      reporter.print(note)
     advice = dtype_probe.slow_dtype_advice(job.config.dtype, job.devices[0].platform)
     if advice:
       reporter.print(advice)

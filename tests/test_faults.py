@@ -290,23 +290,78 @@ def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_pa
   assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
-def test_an_undecodable_imagenet_image_is_skipped_counted_and_resumes_exactly(tmp_path):
-  write_ilsvrc_tars(str(tmp_path / "manual"), garbage=("n01443537", 2))
-  imagenet = dict(dataset="imagenet2012", model="nin_imagenet", data_dir=str(tmp_path / "tfds"),
-                  manual_dir=str(tmp_path / "manual"), image_size=64, batch_size=8, eval_batch_size=8,
-                  train_examples=0, eval_examples=0, shuffle_buffer=16, preprocess="caffe_mean", augment="caffe",
-                  optimizer="sgd", schedule="constant", learning_rate=1e-3, log_every_steps=1,
-                  checkpoint_every_steps=100)
-  straight = train.train_and_evaluate(small_config(num_train_steps=4, **imagenet), str(tmp_path / "straight"))
-  assert straight["eval_examples"] == 8
-  logged = [r for r in read_metrics(tmp_path / "straight") if "train_loss" in r]
-  # 11 decodable training images of 12: 4 steps of 8 draw 32 examples, so the garbage is met ~3 times.
-  assert [r.get("skipped_images", 0) for r in logged][-1] >= 2
+def _imagenet_config(tmp_path, **overrides):
+  return small_config(**{**dict(
+      dataset="imagenet2012", model="nin_imagenet", data_dir=str(tmp_path / "tfds"),
+      manual_dir=str(tmp_path / "manual"), image_size=64, batch_size=8, eval_batch_size=8, train_examples=0,
+      eval_examples=0, shuffle_buffer=16, preprocess="caffe_mean", augment="caffe", optimizer="sgd",
+      schedule="constant", learning_rate=1e-3, log_every_steps=1, checkpoint_every_steps=2,
+      eval_every_steps=-1), **overrides})
 
-  train.train_and_evaluate(small_config(num_train_steps=2, **imagenet), str(tmp_path / "resumed"))
-  train.train_and_evaluate(small_config(num_train_steps=4, **imagenet), str(tmp_path / "resumed"))
+
+def test_damaged_imagenet_images_are_left_out_counted_and_a_killed_run_resumes_exactly(tmp_path):
+  """A non-JPEG file and a JPEG with a damaged body among the training images, and a damaged
+  validation image: preparing records the two that do not decode, training leaves them out
+  and counts them, and a run killed (SIGKILL) after step 3 resumes from step 2 exactly."""
+  write_ilsvrc_tars(str(tmp_path / "manual"), garbage=("n01443537", 2), damaged=("n01440764", 4), damaged_val=3)
+  config = _imagenet_config(tmp_path, num_train_steps=4)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  with open(tmp_path / "tfds" / "imagenet2012" / "5.1.0" / "undecodable.json") as f:
+    assert json.load(f) == {"train": ["n01440764_4.JPEG", "n01443537_2.JPEG"],
+                            "validation": ["ILSVRC2012_val_00000003.JPEG"]}
+  assert straight["eval_examples"] == 7  # 8 validation images, one left out.
+  logged = [r for r in read_metrics(tmp_path / "straight") if "train_loss" in r]
+  # 10 decodable training images of 12: 4 steps of 8 draw 32 examples, so the two are met ~3 times each.
+  assert logged[-1]["skipped_images"] >= 4
+
+  command = [sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", "--config",
+             write_config_file(tmp_path, config), "--workdir", str(tmp_path / "resumed")]
+  run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  printed = []
+  for line in run.stdout:
+    printed.append(line)
+    if line.startswith("step 3/4"):
+      run.kill()  # SIGKILL after the line of step 3, before the checkpoint at 4.
+      break
+  run.wait()
+  assert "1 undecodable validation image(s) left out: ILSVRC2012_val_00000003.JPEG\n" in printed, printed
+  assert [r["step"] for r in read_metrics(tmp_path / "resumed") if "train_loss" in r] == [1, 2, 3]
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
   resumed = [r for r in read_metrics(tmp_path / "resumed") if "train_loss" in r]
   assert without_timing(resumed) == without_timing(logged)
+
+
+def test_an_image_damaged_after_preparation_stops_training_with_one_line_and_verify_mends_it(tmp_path):
+  """A set prepared before images were verified (no record): the damaged training image stops
+  the run with one line naming it and the command that verifies the set; after that command
+  the run resumes and ends, and the damaged validation image is left out of evaluation."""
+  write_ilsvrc_tars(str(tmp_path / "manual"), damaged=("n01443537", 2), damaged_val=3)
+  config = _imagenet_config(tmp_path, num_train_steps=3)
+  from nin_jax import imagenet_prepare
+  record = imagenet_prepare.prepared_builder(str(tmp_path / "tfds"), str(tmp_path / "manual")).data_dir
+  os.remove(os.path.join(record, imagenet_prepare.RECORD))  # As a set prepared by an older version.
+  proc = run_main(["--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "run")])
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == errors.DataError.exit_code, err[-2000:]
+  assert "was never verified, so a damaged image would stop training" in out
+  assert err.strip().splitlines()[-1] == (
+      f"error: The train image n01443537_2.JPEG in {record} does not decode (jpeg::Uncompress failed. Invalid JPEG "
+      "data or crop window.): the prepared set changed since it was verified, or was never verified. Run "
+      f"`python -m nin_jax.imagenet_prepare --verify --data_dir={tmp_path / 'tfds'}` to record the images to leave "
+      "out, then run again (training resumes where it stopped).")
+  assert "Traceback" not in err
+  assert imagenet_prepare.main(["--verify", f"--data_dir={tmp_path / 'tfds'}"]) == 0
+  assert train.train_and_evaluate(config, str(tmp_path / "run"))["eval_examples"] == 7
+
+
+def test_a_damaged_validation_image_found_during_evaluation_is_named(tmp_path):
+  from nin_jax import imagenet, imagenet_prepare
+  write_ilsvrc_tars(str(tmp_path / "manual"), per_synset=1, damaged_val=5)
+  record = imagenet_prepare.prepared_builder(str(tmp_path / "tfds"), str(tmp_path / "manual")).data_dir
+  os.remove(os.path.join(record, imagenet_prepare.RECORD))
+  data = imagenet.make_data(_imagenet_config(tmp_path, eval_batch_size=2), 64, 0, 1)
+  with pytest.raises(errors.DataError, match="^The validation image ILSVRC2012_val_00000005.JPEG in .* does not decode"):
+    list(data.eval_batches())
 
 
 def test_a_stream_of_only_corrupt_images_stops_instead_of_spinning():

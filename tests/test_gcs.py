@@ -230,3 +230,21 @@ print(storage.Client(project="p").bucket("{BUCKET}").blob("taken/lock.json").dow
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ["True True", '{"token": "other"}']  # The new holder's lock stays.
+
+
+def test_an_unreadable_gs_lock_is_replaced_with_a_warning(gcs):
+  """Uploads are atomic, so a lock.json that is not JSON is damaged, not half-written: it is
+  replaced (by generation, as a stale lock is), where it used to recurse until Python's limit."""
+  script = f"""
+from google.cloud import storage
+from etils import epath
+from nin_jax import lock
+storage.Client(project="p").bucket("{BUCKET}").blob("damaged/lock.json").upload_from_string("{{not json")
+said = []
+with lock.WorkdirLock(epath.Path("gs://{BUCKET}/damaged"), say=said.append):
+  print(said)
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == [f"['warning: replacing the unreadable gs://{BUCKET}/damaged/lock.json.']"]
