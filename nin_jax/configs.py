@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pool2 = ""  # "" = the variant's own, or layers.POOL_KINDS ("avg" = the Caffe CIFAR-10 port).
   c.dropout = -1.0  # < 0: the paper's 0.5 after the pooled blocks; else this rate.
   c.dtype = "float32"  # models.DTYPES (compute; parameters stay float32)
-  # Optimisation. Durations are given in epochs or in steps (`steps()`); steps win when set.
+  # Optimisation. Durations are given in epochs or in steps (`durations.steps`); steps win when set.
   c.batch_size = 128  # Global, over all devices of all hosts.
   c.num_epochs = 1.0
   c.num_train_steps = -1  # > 0 wins over num_epochs.
@@ -73,25 +73,6 @@ def default_config() -> ml_collections.ConfigDict:
 def allowed_changes(config: ml_collections.ConfigDict) -> set[str]:
   """The keys named in `allow_changes` (comma-separated)."""
   return {k.strip() for k in config.allow_changes.split(",") if k.strip()}
-
-
-# (steps key, epochs key) of each duration; `steps` converts any of them.
-DURATIONS = {"train": ("num_train_steps", "num_epochs"), "warmup": ("warmup_steps", "warmup_epochs"),
-             "decay": ("decay_steps", "decay_epochs")}
-
-
-def steps(config: ml_collections.ConfigDict, duration: str, steps_per_epoch: int):
-  """A duration of `DURATIONS` in steps: its steps key when set (a number >= 0, > 0 for
-  training, or a non-empty tuple), else its epochs key times `steps_per_epoch`, rounded."""
-  steps_key, epochs_key = DURATIONS[duration]
-  given, epochs = config[steps_key], config[epochs_key]
-  if isinstance(given, (tuple, list)):
-    return tuple(int(s) for s in given) if given else tuple(int(round(e * steps_per_epoch)) for e in epochs)
-  if given > 0 or (given == 0 and duration != "train"):
-    return int(given)
-  if duration == "train":
-    return max(int(math.ceil(epochs * steps_per_epoch)), 1)
-  return int(round(epochs * steps_per_epoch))
 
 
 def _validate_choices(config: ml_collections.ConfigDict) -> None:

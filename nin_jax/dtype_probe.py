@@ -153,6 +153,11 @@ def onednn_bfloat16_native() -> bool:
   return not timing("onednn").bfloat16_slower
 
 
+def float32_kernels_for(dtype) -> bool:
+  """Whether oneDNN layers of `dtype` run on its float32 kernels: bfloat16 where the native ones lose."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and not onednn_bfloat16_native()
+
+
 def bfloat16_kernels() -> str:
   """Which kernels a bfloat16 layer runs on here, for the run's description line."""
   if kernels_here() == "xla":

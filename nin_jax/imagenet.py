@@ -16,7 +16,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from nin_jax import datasets, imagenet_prepare, input_pipeline
+from nin_jax import datasets, imagenet_prepare
+from nin_jax.batches import Batch, Data
 from nin_jax.errors import DataError
 
 tfds = datasets.import_tfds()
@@ -26,13 +27,16 @@ AUGMENTS = ("none", "inception", "caffe")
 UNDECODABLE = "most training images are not JPEG files"
 UNDECODABLE_GRACE = 100  # Skipped images allowed beyond half of those seen.
 PREPROCESSES = ("caffe_mean", "standardize")
+# Caffe's ImageNet mean (RGB) in 0..255, and the per-channel standard deviation.
+MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
+STD_RGB = np.array([58.40, 57.12, 57.38], np.float32)
 
 
 def _normalize(image: tf.Tensor, method: str) -> tf.Tensor:
   image = tf.cast(image, tf.float32)
   if method == "caffe_mean":
-    return image - input_pipeline.IMAGENET_MEAN_RGB
-  return (image - input_pipeline.IMAGENET_MEAN_RGB) / input_pipeline.IMAGENET_STD_RGB
+    return image - MEAN_RGB
+  return (image - MEAN_RGB) / STD_RGB
 
 
 def _decode_resize(encoded: tf.Tensor, size: int) -> tf.Tensor:
@@ -129,7 +133,7 @@ def _left_out(builder, record: dict[str, list[str]] | None) -> tuple[str, ...]:
                + (", ..." if len(names) > 5 else "") for split, names in record.items() if names)
 
 
-def make_data(config, size: int, process_index: int, process_count: int) -> input_pipeline.Data:
+def make_data(config, size: int, process_index: int, process_count: int) -> Data:
   """The trainer's `Data` for ImageNet: this host's shares of train and validation."""
   info = datasets.get_info("imagenet2012")
   builder = imagenet_prepare.prepared_builder(config.data_dir, config.manual_dir, process_count)
@@ -172,7 +176,7 @@ def make_data(config, size: int, process_index: int, process_count: int) -> inpu
     step = start_step
     try:
       for images, labels, skipped in tfds.as_numpy(ds):
-        yield input_pipeline.Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32),
+        yield Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32),
                                    skipped=int(skipped.max()))
         step += 1
     except tf.errors.InvalidArgumentError as e:
@@ -203,12 +207,11 @@ def make_data(config, size: int, process_index: int, process_count: int) -> inpu
     batches = 0
     try:
       for images, labels, mask in tfds.as_numpy(ds.prefetch(2)):
-        yield input_pipeline.Batch(images, labels, mask)
+        yield Batch(images, labels, mask)
         batches += 1
     except tf.errors.InvalidArgumentError as e:
       suspects = eval_examples(process_index).skip(batches * local_eval_batch).take(2 * local_eval_batch)
       raise _failed_to_decode(builder, info.eval_split, *_first_failing(suspects, eval_one)) from e
 
-  return input_pipeline.Data(train_batches=train_batches, eval_batches=eval_batches,
-                             num_train_examples=num_train, num_eval_examples=num_eval,
+  return Data(train_batches=train_batches, eval_batches=eval_batches, num_train_examples=num_train, num_eval_examples=num_eval,
                              notes=_left_out(builder, record))

@@ -11,44 +11,13 @@ through tf.data on the CPU (`imagenet.py`). `make_data` assembles either for a c
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from nin_jax import datasets
+from nin_jax.batches import Batch, Data, host_slice
 from nin_jax.errors import ConfigError
-
-# Caffe's ImageNet mean (RGB) in 0..255.
-IMAGENET_MEAN_RGB = np.array([123.68, 116.78, 103.94], np.float32)
-IMAGENET_STD_RGB = np.array([58.40, 57.12, 57.38], np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  """One host's share of a global batch. `mask` is 0 for eval padding; `skipped` counts the
-  undecodable training images this host's stream has dropped so far (ImageNet)."""
-  images: np.ndarray
-  labels: np.ndarray
-  mask: np.ndarray
-  skipped: int = 0
-
-
-@dataclasses.dataclass
-class Data:
-  """What the trainer needs: train batches from any step on, and a re-iterable eval split."""
-  train_batches: Callable[[int], Iterator[Batch]]  # start step -> batches
-  eval_batches: Callable[[], Iterator[Batch]]
-  num_train_examples: int
-  num_eval_examples: int
-  notes: tuple[str, ...] = ()  # Lines the trainer prints before it starts (e.g. images left out).
-
-
-def host_slice(global_batch: int, process_index: int, process_count: int) -> slice:
-  """The rows of a global batch that this host provides."""
-  local = global_batch // process_count
-  return slice(process_index * local, (process_index + 1) * local)
-
 
 # ----------------------------------------------------------------------------- preprocessing
 

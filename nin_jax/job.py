@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nin_jax import configs, input_pipeline, lineage, models, workdir as workdir_lib
+from nin_jax import batches, configs, durations, input_pipeline, lineage, models, workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Job:
   workdir: workdir_lib.epath.Path
   devices: list
   model: models.ModelConfig
-  data: input_pipeline.Data
+  data: batches.Data
   num_steps: int
   steps_per_epoch: int
   eval_every: int
@@ -54,7 +54,7 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
                                   num_classes=model.spec.num_classes, process_index=jax.process_index(),
                                   process_count=jax.process_count())
   steps_per_epoch = max(data.num_train_examples // config.batch_size, 1)
-  num_steps = configs.steps(config, "train", steps_per_epoch)
+  num_steps = durations.steps(config, "train", steps_per_epoch)
   eval_every = {0: steps_per_epoch}.get(config.eval_every_steps, config.eval_every_steps)
   return Job(config, path, devices, model, data, num_steps, steps_per_epoch,
              eval_every=eval_every if eval_every > 0 else num_steps,  # < 0: only at the end.

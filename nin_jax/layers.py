@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nin_jax import onednn
+from nin_jax import dtype_probe, onednn
 
 PoolKind = Literal["max", "avg"]
 POOL_KINDS: tuple[PoolKind, ...] = ("max", "avg")
@@ -85,7 +85,8 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   if kind not in POOL_KINDS:
     raise ValueError(f"Unknown pooling kind {kind!r}; choose 'max' or 'avg'.")
   if kind == "max" and onednn.max_pool_used_for(window, x.dtype):
-    return onednn.max_pool(x, window, stride, pad[1:3])  # Faster on CPU: see nin_jax/onednn.py.
+    return onednn.max_pool(x, window, stride, pad[1:3],  # Faster on CPU: see nin_jax/onednn.py.
+                           float32_kernels=dtype_probe.float32_kernels_for(x.dtype))
   if kind == "max":
     fill = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     op, padded = jnp.maximum, jnp.pad(x, pad, constant_values=fill)
@@ -149,7 +150,8 @@ class MLPConv(nnx.Module):
     for layer in self.layers():
       if fused:
         kernel, bias, strides, padding = _as_convolution(layer)
-        x = onednn.conv_relu(x, kernel.astype(compute), bias.astype(compute), strides, padding)
+        x = onednn.conv_relu(x, kernel.astype(compute), bias.astype(compute), strides, padding,
+                             float32_kernels=dtype_probe.float32_kernels_for(compute))
       else:
         x = nnx.relu(layer(x))
       yield layer, x

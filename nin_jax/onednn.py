@@ -133,14 +133,6 @@ def max_pool_used_for(window: int, dtype) -> bool:
   return window * window < 256 and used_for(dtype)
 
 
-def _in_float32_math(dtype) -> bool:
-  """Whether a layer of `dtype` runs on the float32 kernels (bfloat16 where the native ones lose)."""
-  if jnp.dtype(dtype) != jnp.bfloat16:
-    return False
-  from nin_jax import dtype_probe  # pylint: disable=g-import-not-at-top  (it times this module's layers)
-  return not dtype_probe.onednn_bfloat16_native()
-
-
 @functools.cache
 def _warn_once(reason: str) -> None:
   logging.warning("oneDNN layers unavailable, using XLA's kernels (slower on CPU): %s.", reason)
@@ -168,10 +160,11 @@ def _ffi(target: str, *results: jax.ShapeDtypeStruct):
 
 
 def conv_relu(x: jax.Array, w: jax.Array, b: jax.Array, strides: tuple[int, int],
-              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+              padding: tuple[tuple[int, int], tuple[int, int]], *, float32_kernels: bool = False) -> jax.Array:
   """relu(conv(x, w) + b) for NHWC images and an HWIO kernel, in one oneDNN call; x, w and b
-  share one dtype, float32 or bfloat16 (accumulated in float32 either way)."""
-  if _in_float32_math(x.dtype):
+  share one dtype, float32 or bfloat16 (accumulated in float32 either way). `float32_kernels`:
+  bfloat16 operands run on the float32 kernels (where `dtype_probe` measured the native ones slower)."""
+  if float32_kernels and x.dtype == jnp.bfloat16:
     f32 = jnp.float32
     return native_conv_relu(x.astype(f32), w.astype(f32), b.astype(f32), strides, padding).astype(x.dtype)
   return native_conv_relu(x, w, b, strides, padding)
@@ -217,11 +210,11 @@ def _conv_relu_backward(strides, padding, residuals, dy):
 native_conv_relu.defvjp(_conv_relu_forward, _conv_relu_backward)
 
 
-def max_pool(x: jax.Array, window: int, stride: int,
-             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def max_pool(x: jax.Array, window: int, stride: int, padding: tuple[tuple[int, int], tuple[int, int]], *,
+             float32_kernels: bool = False) -> jax.Array:
   """A window x window max pool of float32 or bfloat16 NHWC images, in oneDNN; padding never wins.
   Exact in either dtype, so bfloat16 runs on the float32 kernels wherever its layers do."""
-  if _in_float32_math(x.dtype):
+  if float32_kernels and x.dtype == jnp.bfloat16:
     return _max_pool(x.astype(jnp.float32), window, stride, padding, x.shape).astype(x.dtype)
   return _max_pool(x, window, stride, padding, x.shape)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nin_jax import configs, models
+from nin_jax import durations, models
 from nin_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -113,8 +113,8 @@ def from_config(config, spec: models.ModelSpec, abstract_params, num_steps: int,
       config.batch_size / config.base_batch_size if config.base_batch_size > 0 else 1.0)
   schedule = make_schedule(
       name=config.schedule, learning_rate=learning_rate, total_steps=num_steps,
-      warmup_steps=configs.steps(config, "warmup", steps_per_epoch),
-      decay_steps=configs.steps(config, "decay", steps_per_epoch), decay_factor=config.decay_factor)
+      warmup_steps=durations.steps(config, "warmup", steps_per_epoch),
+      decay_steps=durations.steps(config, "decay", steps_per_epoch), decay_factor=config.decay_factor)
   try:
     lr_mults, decay_mask = caffe_multipliers(
         abstract_params, spec, bias_lr_mult=config.bias_lr_mult,

@@ -29,8 +29,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nin_jax import (checkpointing, dtype_probe, input_pipeline, job as job_lib, lineage, lock, onednn,
-                     optim, preemption, reporting, train_metrics, workdir as workdir_lib)
+from nin_jax import (batches as batches_lib, checkpointing, dtype_probe, job as job_lib, lineage, lock, onednn, optim,
+                     preemption, reporting, train_metrics, workdir as workdir_lib)
 from nin_jax.errors import Interrupted, WorkdirLost
 
 
@@ -83,7 +83,7 @@ def make_eval_step(graphdef, *, top5: bool):
   return eval_step
 
 
-def evaluate(eval_step, params, batches: Iterator[input_pipeline.Batch], put: Callable,
+def evaluate(eval_step, params, batches: Iterator[batches_lib.Batch], put: Callable,
              top5: bool) -> dict[str, float]:
   """Top-1 (top-5) accuracy and loss over every real example; padding rows have mask 0."""
   sums: dict[str, float] = collections.defaultdict(float)
@@ -99,7 +99,7 @@ def evaluate(eval_step, params, batches: Iterator[input_pipeline.Batch], put: Ca
   return metrics
 
 
-def prefetch(batches: Iterator[input_pipeline.Batch], put: Callable, size: int = 2):
+def prefetch(batches: Iterator[batches_lib.Batch], put: Callable, size: int = 2):
   """(images, labels) as global device arrays, `size` batches ahead of the step that uses
   them, and the count of undecodable images skipped so far (host side)."""
   queue = collections.deque()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nin_jax import configs, errors, reporting, workdir
+from nin_jax import configs, durations, errors, reporting, workdir
 from tests.helpers import small_config
 
 
@@ -46,22 +46,22 @@ def test_every_shipped_experiment_validates():
 
 def test_durations_in_steps_or_epochs():
   c = small_config(num_train_steps=-1, num_epochs=2.5, warmup_epochs=0.5, decay_epochs=(1.0, 2.0))
-  assert configs.steps(c, "train", 100) == 250
-  assert configs.steps(c, "warmup", 100) == 50
-  assert configs.steps(c, "decay", 100) == (100, 200)
+  assert durations.steps(c, "train", 100) == 250
+  assert durations.steps(c, "warmup", 100) == 50
+  assert durations.steps(c, "decay", 100) == (100, 200)
   c.update(dict(num_train_steps=120_000, warmup_steps=0, decay_steps=(100_000,)))  # Steps win.
-  assert configs.steps(c, "train", 100) == 120_000
-  assert configs.steps(c, "warmup", 100) == 0
-  assert configs.steps(c, "decay", 100) == (100_000,)
+  assert durations.steps(c, "train", 100) == 120_000
+  assert durations.steps(c, "warmup", 100) == 0
+  assert durations.steps(c, "decay", 100) == (100_000,)
   c.update(dict(num_train_steps=-1, num_epochs=0.001))
-  assert configs.steps(c, "train", 100) == 1  # At least one step.
+  assert durations.steps(c, "train", 100) == 1  # At least one step.
 
 
 def test_cifar10_recipe_decays_at_iteration_100k():
   from experiments import nin_cifar10
   c = nin_cifar10.get_config()
-  assert configs.steps(c, "decay", 50_000 // 128) == (100_000,)
-  assert configs.steps(c, "train", 50_000 // 128) == 120_000
+  assert durations.steps(c, "decay", 50_000 // 128) == (100_000,)
+  assert durations.steps(c, "train", 50_000 // 128) == 120_000
 
 
 def test_workdir_that_is_a_file_is_rejected(tmp_path):

@@ -208,7 +208,6 @@ def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(batch, size, cin, co
   """On bfloat16 operands oneDNN accumulates in float32 and rounds at the end: its forward and
   gradients are the float32 computation on the same values to within bfloat16's rounding
   (2^-8 = 3.9e-3 relative, two roundings at most; measured 1.5e-3 to 3.2e-3 of the largest)."""
-  monkeypatch.setattr(onednn, "_in_float32_math", lambda dtype: not native and dtype == jnp.bfloat16)
   keys = jax.random.split(jax.random.key(0), 4)
   x, w, b = _operands(keys, batch, size, cin, cout, k, jnp.bfloat16)
 
@@ -219,7 +218,8 @@ def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(batch, size, cin, co
 
   f32 = [a.astype(jnp.float32) for a in (x, w, b)]
   want, plain_vjp = jax.vjp(plain, *f32)
-  got, fused_vjp = jax.vjp(jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding)), x, w, b)
+  got, fused_vjp = jax.vjp(jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding,
+                                                                    float32_kernels=not native)), x, w, b)
   assert got.dtype == jnp.bfloat16 and got.shape == want.shape
   assert _relative_error(got.astype(jnp.float32), want) < 8e-3
   dy = jax.random.normal(keys[3], want.shape).astype(jnp.bfloat16)
@@ -235,7 +235,7 @@ def test_bfloat16_model_is_as_close_to_float32_on_onednn_as_on_xla(name, size, n
   more than XLA's own bfloat16 computation does (median gradient error over the parameters,
   measured with native kernels on an AMX Xeon: nin_mnist 0.068 against XLA's 0.066,
   nin_cifar10 0.054 against 0.068)."""
-  monkeypatch.setattr(onednn, "_in_float32_math", lambda dtype: not native and dtype == jnp.bfloat16)
+  monkeypatch.setattr(dtype_probe, "onednn_bfloat16_native", lambda: native)
   gradients = {}
   for dtype, use in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
     monkeypatch.setattr(onednn, "enabled", lambda use=use: use)
