@@ -28,20 +28,39 @@ def _measure(module: str, model: str, batch: int, steps: int, repeats: int, dtyp
   """The train-step measurement `python -m module` prints (its first JSON line)."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, as a plain run has.
-  out = subprocess.run([sys.executable, "-m", module, "--model", model, "--batch_size", str(batch),
-                        "--steps", str(steps), "--repeats", str(repeats), "--dtype", dtype],
-                       capture_output=True, text=True, check=True, env=env).stdout
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      module,
+      "--model",
+      model,
+      "--batch_size",
+      str(batch),
+      "--steps",
+      str(steps),
+      "--repeats",
+      str(repeats),
+      "--dtype",
+      dtype,
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    env=env,
+  ).stdout
   return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
 
-def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int, dtype: str = "float32",
-            say=print) -> list[dict]:
+def compare(
+  cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int, dtype: str = "float32", say=print
+) -> list[dict]:
   sides = {"project": "nin_jax.benchmark", "torch": "benchmarks.torch_nin"}
   speeds = {(case, side): [] for case in cases for side in sides}
   peaks, mult_adds = {case: [] for case in cases}, {}
   for r in range(rounds):
     for case in cases:
-      for side in (sides if r % 2 == 0 else reversed(sides)):
+      for side in sides if r % 2 == 0 else reversed(sides):
         row = _measure(sides[side], *case, steps, repeats, dtype)
         speeds[case, side].append(row["images_per_sec"])
         if side == "project":  # The backend's matmul peak, measured beside each project run.
@@ -52,22 +71,36 @@ def compare(cases: list[tuple[str, int]], rounds: int, steps: int, repeats: int,
   for case in cases:
     project, torch = (statistics.median(speeds[case, side]) for side in sides)
     peak = statistics.median(peaks[case])
-    share = lambda images_per_sec: FLOPS_PER_MULT_ADD["train_step"] * mult_adds[case] * images_per_sec / peak
-    rows.append({"model": case[0], "batch_size": case[1], "dtype": dtype, "project_images_per_sec": project,
-                 "torch_images_per_sec": torch, "ratio": project / torch, "rounds": rounds,
-                 "matmul_peak_flops_per_sec": peak, "project_fraction_of_peak": share(project),
-                 "torch_fraction_of_peak": share(torch)})
+    share = lambda images_per_sec: FLOPS_PER_MULT_ADD["train_step"] * mult_adds[case] * images_per_sec / peak  # noqa: B023  (used in this iteration)
+    rows.append(
+      {
+        "model": case[0],
+        "batch_size": case[1],
+        "dtype": dtype,
+        "project_images_per_sec": project,
+        "torch_images_per_sec": torch,
+        "ratio": project / torch,
+        "rounds": rounds,
+        "matmul_peak_flops_per_sec": peak,
+        "project_fraction_of_peak": share(project),
+        "torch_fraction_of_peak": share(torch),
+      }
+    )
   return rows
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = [f"| model, batch (train step, {rows[0]['dtype']}) | project (img/s) | PyTorch (img/s) | ratio "
-           "| project, of matmul peak | PyTorch, of matmul peak | matmul peak |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"| model, batch (train step, {rows[0]['dtype']}) | project (img/s) | PyTorch (img/s) | ratio "
+    "| project, of matmul peak | PyTorch, of matmul peak | matmul peak |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| `{r['model']}`, {r['batch_size']} | {r['project_images_per_sec']:.1f} | "
-                 f"{r['torch_images_per_sec']:.1f} | {r['ratio']:.2f} | {r['project_fraction_of_peak']:.0%} | "
-                 f"{r['torch_fraction_of_peak']:.0%} | {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s |")
+    lines.append(
+      f"| `{r['model']}`, {r['batch_size']} | {r['project_images_per_sec']:.1f} | "
+      f"{r['torch_images_per_sec']:.1f} | {r['ratio']:.2f} | {r['project_fraction_of_peak']:.0%} | "
+      f"{r['torch_fraction_of_peak']:.0%} | {r['matmul_peak_flops_per_sec'] / 1e9:.0f} GFLOP/s |"
+    )
   return "\n".join(lines)
 
 

@@ -32,8 +32,12 @@ def build(name: str, head: str = "gap") -> nn.Module:
   for block in spec.blocks:
     for i, width in enumerate(block.features):
       kernel = block.kernel_size if i == 0 else 1
-      layers += [nn.Conv2d(channels, width, kernel, stride=block.stride if i == 0 else 1,
-                           padding=block.padding if i == 0 else 0), nn.ReLU()]
+      layers += [
+        nn.Conv2d(
+          channels, width, kernel, stride=block.stride if i == 0 else 1, padding=block.padding if i == 0 else 0
+        ),
+        nn.ReLU(),
+      ]
       channels = width
     if block.pool == "max":
       layers.append(nn.MaxPool2d(3, 2, ceil_mode=True))
@@ -47,8 +51,16 @@ def build(name: str, head: str = "gap") -> nn.Module:
   return nn.Sequential(*layers)
 
 
-def time_train_step(name: str, batch_size: int, *, steps: int = 10, repeats: int = 5, warmup: int = 3,
-                    threads: int = 2, dtype: str = "float32") -> dict:
+def time_train_step(
+  name: str,
+  batch_size: int,
+  *,
+  steps: int = 10,
+  repeats: int = 5,
+  warmup: int = 3,
+  threads: int = 2,
+  dtype: str = "float32",
+) -> dict:
   """Images/s of SGD train steps on synthetic data, with the JAX benchmark's protocol.
 
   `dtype="bfloat16"` is PyTorch's mixed precision, as the project's: float32 parameters,
@@ -61,7 +73,8 @@ def time_train_step(name: str, batch_size: int, *, steps: int = 10, repeats: int
   model = build(name).to(memory_format=torch.channels_last).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
   images = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size).to(
-      memory_format=torch.channels_last)
+    memory_format=torch.channels_last
+  )
   labels = torch.randint(0, spec.num_classes, (batch_size,))
 
   def run(count):
@@ -79,8 +92,15 @@ def time_train_step(name: str, batch_size: int, *, steps: int = 10, repeats: int
     run(steps)
     step_times.append((time.perf_counter() - start) / steps)
   median = statistics.median(step_times)
-  return {"framework": f"torch {torch.__version__}", "model": name, "batch_size": batch_size,
-          "dtype": dtype, "threads": threads, "step_seconds_median": median, "images_per_sec": batch_size / median}
+  return {
+    "framework": f"torch {torch.__version__}",
+    "model": name,
+    "batch_size": batch_size,
+    "dtype": dtype,
+    "threads": threads,
+    "step_seconds_median": median,
+    "images_per_sec": batch_size / median,
+  }
 
 
 def main(argv=None) -> int:
@@ -93,9 +113,20 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
   args = parser.parse_args(argv)
-  print(json.dumps(time_train_step(args.model, args.batch_size, steps=args.steps, repeats=args.repeats,
-                                   warmup=args.warmup, threads=args.threads, dtype=args.dtype),
-                   sort_keys=True))
+  print(
+    json.dumps(
+      time_train_step(
+        args.model,
+        args.batch_size,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        dtype=args.dtype,
+      ),
+      sort_keys=True,
+    )
+  )
   return 0
 
 

@@ -41,13 +41,23 @@ RECIPES = ("adamw_grid", "paper_cifar10")
 
 # The recipe the ablation committed before issue 19 (0.64 epochs; half its GAP runs lost a
 # class): kept to measure the failure rate that the new recipe is compared with.
-OLD_RECIPE = dict(optimizer="adamw", learning_rate=3e-3, weight_decay=5e-4, bias_lr_mult=1.0, schedule="cosine",
-                  warmup_steps=50, dropout=0.0, layer_lr_mults={}, batch_size=64)
+OLD_RECIPE = dict(
+  optimizer="adamw",
+  learning_rate=3e-3,
+  weight_decay=5e-4,
+  bias_lr_mult=1.0,
+  schedule="cosine",
+  warmup_steps=50,
+  dropout=0.0,
+  layer_lr_mults={},
+  batch_size=64,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """One run: which head, setting and seed, and the config it trains with."""
+
   setting: str  # e.g. "full", "small", "grid-3e-03", "long-full", "failure-old"
   head: str
   seed: int
@@ -63,8 +73,9 @@ def per_class_layer(model: str) -> str:
   return models.layer_names(models.get_spec(model))[-1][-1]
 
 
-def base_config(recipe: str, *, dataset: str, model: str, dtype: str, validation_examples: int,
-                batch_size: int = 64) -> ml_collections.ConfigDict:
+def base_config(
+  recipe: str, *, dataset: str, model: str, dtype: str, validation_examples: int, batch_size: int = 64
+) -> ml_collections.ConfigDict:
   """Everything but the head, seed, learning rate, length and training-set size.
 
   `adamw_grid`: AdamW with a real decoupled weight decay (0.05, i.e. 0.05 x lr per step),
@@ -77,22 +88,50 @@ def base_config(recipe: str, *, dataset: str, model: str, dtype: str, validation
   config = configs.default_config()
   if recipe == "paper_cifar10":
     from experiments import nin_cifar10  # pylint: disable=g-import-not-at-top
+
     config = nin_cifar10.get_config("noaug")
   else:
-    config.update(dict(optimizer="adamw", weight_decay=0.05, bias_lr_mult=1.0, schedule="cosine",
-                       warmup_epochs=1.0, dropout=-1.0, label_smoothing=0.0, augment="none",
-                       batch_size=batch_size))
+    config.update(
+      dict(
+        optimizer="adamw",
+        weight_decay=0.05,
+        bias_lr_mult=1.0,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        dropout=-1.0,
+        label_smoothing=0.0,
+        augment="none",
+        batch_size=batch_size,
+      )
+    )
     config.layer_lr_mults = {per_class_layer(model): 0.1}
   preprocess = {"cifar10": "gcn_zca", "cifar100": "gcn_zca", "svhn": "lcn"}.get(dataset, "standardize")
-  config.update(dict(dataset=dataset, model=model, dtype=dtype, preprocess=preprocess,
-                     validation_examples=validation_examples, eval_every_steps=0, eval_batch_size=500,
-                     keep_checkpoints=1))
+  config.update(
+    dict(
+      dataset=dataset,
+      model=model,
+      dtype=dtype,
+      preprocess=preprocess,
+      validation_examples=validation_examples,
+      eval_every_steps=0,
+      eval_batch_size=500,
+      keep_checkpoints=1,
+    )
+  )
   return config
 
 
-def run_config(base: ml_collections.ConfigDict, *, head: str, seed: int, train_examples: int,
-               learning_rate: float | None = None, epochs: float | None = None,
-               steps: int | None = None, **overrides) -> ml_collections.ConfigDict:
+def run_config(
+  base: ml_collections.ConfigDict,
+  *,
+  head: str,
+  seed: int,
+  train_examples: int,
+  learning_rate: float | None = None,
+  epochs: float | None = None,
+  steps: int | None = None,
+  **overrides,
+) -> ml_collections.ConfigDict:
   """`base` with one run's head, seed and data; a length in epochs or steps (else the
   recipe's), a learning rate (else the recipe's) and any other overrides."""
   config = ml_collections.ConfigDict(base.to_dict())
@@ -149,13 +188,20 @@ def record_path(results: Path, spec: Spec) -> Path:
 
 def _identity(spec: Spec) -> dict:
   c = spec.config
-  return {"name": spec.name, "setting": spec.setting, "head": spec.head, "seed": spec.seed,
-          "learning_rate": c.learning_rate, "epochs": c.num_epochs, "steps": c.num_train_steps,
-          "config": c.to_dict(), "cpu": dtype_probe.cpu_name()}
+  return {
+    "name": spec.name,
+    "setting": spec.setting,
+    "head": spec.head,
+    "seed": spec.seed,
+    "learning_rate": c.learning_rate,
+    "epochs": c.num_epochs,
+    "steps": c.num_train_steps,
+    "config": c.to_dict(),
+    "cpu": dtype_probe.cpu_name(),
+  }
 
 
-def measure(spec: Spec, workdir: str, wall_seconds: float, *, train_error: bool = True,
-            test_examples: int = 0) -> dict:
+def measure(spec: Spec, workdir: str, wall_seconds: float, *, train_error: bool = True, test_examples: int = 0) -> dict:
   """The record of a finished run in `workdir` (see the module docstring); the test error on
   the first `test_examples` test images (0: all of them)."""
   run = analysis.read_run(workdir, spec.name)
@@ -164,27 +210,38 @@ def measure(spec: Spec, workdir: str, wall_seconds: float, *, train_error: bool 
   # One load: the run's own training split and the test set (not its validation split),
   # preprocessed with the statistics of the images it trained on.
   whole_test = ml_collections.ConfigDict({**spec.config.to_dict(), "eval_examples": test_examples})
-  train_images, train_labels, test_images, test_labels = input_pipeline.in_memory_arrays(whole_test,
-                                                                                           test_set=True)
+  train_images, train_labels, test_images, test_labels = input_pipeline.in_memory_arrays(whole_test, test_set=True)
   maps, logits = analysis.class_maps(model, test_images)
   dead = analysis.dead_classes(maps if spec.config.head == "gap" else None, logits)
   return {
-      **_identity(spec), "train_examples": len(train_labels), "diverged": False,
-      "validation_error_by_step": {str(s): e for s, e in sorted(by_step.items())},
-      "test_error": 100 * float(np.mean(logits.argmax(-1) != test_labels)), "test_examples": len(test_labels),
-      "train_error": analysis.error_rate(model, train_images, train_labels) if train_error else None,
-      "true_class_strongest_map": 100 * float(np.mean(maps.mean(axis=(1, 2)).argmax(-1) == test_labels)),
-      "dead_classes": dead, "failed": bool(dead["never_predicted"] or dead["zero_maps"]),
-      "wall_seconds": round(wall_seconds, 1),
+    **_identity(spec),
+    "train_examples": len(train_labels),
+    "diverged": False,
+    "validation_error_by_step": {str(s): e for s, e in sorted(by_step.items())},
+    "test_error": 100 * float(np.mean(logits.argmax(-1) != test_labels)),
+    "test_examples": len(test_labels),
+    "train_error": analysis.error_rate(model, train_images, train_labels) if train_error else None,
+    "true_class_strongest_map": 100 * float(np.mean(maps.mean(axis=(1, 2)).argmax(-1) == test_labels)),
+    "dead_classes": dead,
+    "failed": bool(dead["never_predicted"] or dead["zero_maps"]),
+    "wall_seconds": round(wall_seconds, 1),
   }
 
 
 def diverged_record(spec: Spec, error: errors.TrainingDiverged, wall_seconds: float) -> dict:
   """A run whose loss became NaN: failed, with the trainer's one-line reason as diagnosis."""
-  return {**_identity(spec), "diverged": True, "failed": True, "diagnosis": str(error).splitlines()[0],
-          "validation_error_by_step": {}, "test_error": None, "train_error": None,
-          "true_class_strongest_map": None, "dead_classes": {"never_predicted": [], "zero_maps": []},
-          "wall_seconds": round(wall_seconds, 1)}
+  return {
+    **_identity(spec),
+    "diverged": True,
+    "failed": True,
+    "diagnosis": str(error).splitlines()[0],
+    "validation_error_by_step": {},
+    "test_error": None,
+    "train_error": None,
+    "true_class_strongest_map": None,
+    "dead_classes": {"never_predicted": [], "zero_maps": []},
+    "wall_seconds": round(wall_seconds, 1),
+  }
 
 
 def describe(record: dict) -> str:
@@ -193,14 +250,18 @@ def describe(record: dict) -> str:
     return f"{record['name']:<26} FAILED: {record['diagnosis']}  ({record['wall_seconds']:.0f} s)"
   validation = list(record["validation_error_by_step"].values())
   train_error = record["train_error"]
-  return (f"{record['name']:<26} validation {validation[-1] if validation else float('nan'):5.2f}%  "
-          f"test {record['test_error']:5.2f}%" + (f"  train {train_error:5.2f}%" if train_error is not None else "")
-          + (f"  FAILED: {json.dumps(record['dead_classes'])}" if record["failed"] else "")
-          + f"  ({record['wall_seconds']:.0f} s)")
+  return (
+    f"{record['name']:<26} validation {validation[-1] if validation else float('nan'):5.2f}%  "
+    f"test {record['test_error']:5.2f}%"
+    + (f"  train {train_error:5.2f}%" if train_error is not None else "")
+    + (f"  FAILED: {json.dumps(record['dead_classes'])}" if record["failed"] else "")
+    + f"  ({record['wall_seconds']:.0f} s)"
+  )
 
 
-def run(spec: Spec, workdir_root: str, results: Path, *, train_error: bool = True, test_examples: int = 0,
-        say=print) -> dict:
+def run(
+  spec: Spec, workdir_root: str, results: Path, *, train_error: bool = True, test_examples: int = 0, say=print
+) -> dict:
   """Trains `spec` (resuming its workdir) unless its record exists; returns the record."""
   path = record_path(results, spec)
   if path.exists():
@@ -210,8 +271,7 @@ def run(spec: Spec, workdir_root: str, results: Path, *, train_error: bool = Tru
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       train.train_and_evaluate(spec.config, workdir)
-    record = measure(spec, workdir, time.perf_counter() - started, train_error=train_error,
-                     test_examples=test_examples)
+    record = measure(spec, workdir, time.perf_counter() - started, train_error=train_error, test_examples=test_examples)
   except errors.TrainingDiverged as e:
     record = diverged_record(spec, e, time.perf_counter() - started)
   _write(path, record)
@@ -247,6 +307,8 @@ def choose_learning_rate(grid: list[dict], say=print) -> float:
     if not healthy:
       raise ValueError(f"every grid run of head {best['head']!r} diverged; lower the learning-rate grid.")
     best = min(healthy, key=lambda r: r["validation_error_by_step"][max(r["validation_error_by_step"], key=int)])
-    say(f"warning: every grid run of head {best['head']!r} failed; chose lr {best['learning_rate']:g} by "
-        "validation error alone: widen the grid or train longer.")
+    say(
+      f"warning: every grid run of head {best['head']!r} failed; chose lr {best['learning_rate']:g} by "
+      "validation error alone: widen the grid or train longer."
+    )
   return best["learning_rate"]

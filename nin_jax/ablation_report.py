@@ -17,8 +17,7 @@ COMPARISONS = (("gap", "fc"), ("gap", "fc_dropout"))  # The paper's claim: GAP h
 
 
 def runs_of(records: list[dict], setting: str, head: str | None = None) -> list[dict]:
-  return sorted((r for r in records if r["setting"] == setting and head in (None, r["head"])),
-                key=lambda r: r["seed"])
+  return sorted((r for r in records if r["setting"] == setting and head in (None, r["head"])), key=lambda r: r["seed"])
 
 
 def healthy(records: list[dict]) -> list[dict]:
@@ -40,15 +39,26 @@ def summary_table(records: list[dict], setting: str, heads: list[str], paper: di
   """Per head: runs and failures, then over the healthy runs the test error's mean and 95%
   t-interval, the train error (whole training split), test - train, and how often the true
   class has the strongest map."""
-  header = ["head", "runs (failed)", "test error % [95% CI]", "train error %", "test − train",
-            "true class's map strongest % [95% CI]"] + (["paper, CIFAR-10 %"] if paper else [])
+  header = [
+    "head",
+    "runs (failed)",
+    "test error % [95% CI]",
+    "train error %",
+    "test − train",
+    "true class's map strongest % [95% CI]",
+  ] + (["paper, CIFAR-10 %"] if paper else [])
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for head in heads:
     mine = runs_of(records, setting, head)
     ok = healthy(mine)
-    cells = [f"`{head}`", f"{len(mine)} ({len(mine) - len(ok)})", _interval([r["test_error"] for r in ok]),
-             _mean([r["train_error"] for r in ok]), _mean([r["test_error"] - r["train_error"] for r in ok]),
-             _interval([r["true_class_strongest_map"] for r in ok])]
+    cells = [
+      f"`{head}`",
+      f"{len(mine)} ({len(mine) - len(ok)})",
+      _interval([r["test_error"] for r in ok]),
+      _mean([r["train_error"] for r in ok]),
+      _mean([r["test_error"] - r["train_error"] for r in ok]),
+      _interval([r["true_class_strongest_map"] for r in ok]),
+    ]
     if paper:
       cells.append(f"{paper[head]:.2f}" if head in paper else "")
     lines.append("| " + " | ".join(cells) + " |")
@@ -62,10 +72,17 @@ def map_share_table(records: list[dict], setting: str, heads: list[str]) -> str:
   lines = ["| head | per seed | mean [95% CI] |", "|---|---|---|"]
   for head in heads:
     mine = [r for r in runs_of(records, setting, head) if r["true_class_strongest_map"] is not None]
-    per_seed = ", ".join((f"{r['seed']}: ({r['true_class_strongest_map']:.1f})" if r["failed"] else
-                          f"{r['seed']}: {r['true_class_strongest_map']:.1f}") for r in mine)
-    lines.append(f"| `{head}` | {per_seed or '–'} | "
-                 f"{_interval([r['true_class_strongest_map'] for r in healthy(mine)])} |")
+    per_seed = ", ".join(
+      (
+        f"{r['seed']}: ({r['true_class_strongest_map']:.1f})"
+        if r["failed"]
+        else f"{r['seed']}: {r['true_class_strongest_map']:.1f}"
+      )
+      for r in mine
+    )
+    lines.append(
+      f"| `{head}` | {per_seed or '–'} | {_interval([r['true_class_strongest_map'] for r in healthy(mine)])} |"
+    )
   return "\n".join(lines)
 
 
@@ -75,8 +92,7 @@ def paired(records: list[dict], setting: str, a: str, b: str) -> dict | None:
   seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
   if not seeds:
     return None
-  return {**analysis.paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds]),
-          "seeds": seeds}
+  return {**analysis.paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds]), "seeds": seeds}
 
 
 def paired_table(records: list[dict], setting: str) -> str:
@@ -108,9 +124,12 @@ def convergence_table(records: list[dict], setting: str, long_setting: str, head
   lines = ["| head | seeds' test error range % | twice as long, seed 0 % | within the range |", "|---|---|---|---|"]
   for head in heads:
     c = convergence(records, setting, long_setting, head)
-    lines.append(f"| `{head}` | – | – | not run |" if c is None else
-                 f"| `{head}` | {c['low']:.2f} – {c['high']:.2f} | {c['long']:.2f} | "
-                 f"{'yes' if c['converged'] else '**no**'} |")
+    lines.append(
+      f"| `{head}` | – | – | not run |"
+      if c is None
+      else f"| `{head}` | {c['low']:.2f} – {c['high']:.2f} | {c['long']:.2f} | "
+      f"{'yes' if c['converged'] else '**no**'} |"
+    )
   return "\n".join(lines)
 
 
@@ -174,11 +193,11 @@ def conclusion(records: list[dict], settings: dict[str, int]) -> str:
     for a, b in COMPARISONS:
       d = paired(records, setting, a, b)
       if d is None or d["pairs"] < 2:
-        lines.append(f"- **{setting}** ({examples:,} training images): too few paired healthy seeds to "
-                     f"compare `{a}` with `{b}`.")
+        lines.append(
+          f"- **{setting}** ({examples:,} training images): too few paired healthy seeds to compare `{a}` with `{b}`."
+        )
         continue
-      lines.append(f"- **{setting}** ({examples:,} training images): "
-                   + analysis.verdict(f"`{a}`", f"`{b}`", d) + ".")
+      lines.append(f"- **{setting}** ({examples:,} training images): " + analysis.verdict(f"`{a}`", f"`{b}`", d) + ".")
   failed = sum(r["failed"] for r in records if r["setting"] in settings)
   total = sum(1 for r in records if r["setting"] in settings)
   lines.append(f"- {failed} of {total} runs failed and are left out of these comparisons (listed below).")
@@ -189,10 +208,13 @@ def validation_curves(records: list[dict], setting: str, heads: list[str], title
   """Per-epoch validation error per head: each healthy seed thin, the mean thick, and the
   95% t-band of the mean over seeds shaded (runs aligned by step, never by position)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for index, head in enumerate(heads):
-    curves = [np.array([(int(s), e) for s, e in r["validation_error_by_step"].items()], dtype=float)
-              for r in healthy(runs_of(records, setting, head))]
+    curves = [
+      np.array([(int(s), e) for s, e in r["validation_error_by_step"].items()], dtype=float)
+      for r in healthy(runs_of(records, setting, head))
+    ]
     curves = [c[np.argsort(c[:, 0])] for c in curves if len(c)]
     if not curves:
       continue
@@ -212,4 +234,3 @@ def validation_curves(records: list[dict], setting: str, heads: list[str], title
     ax.text(0.5, 0.5, "no healthy run yet", ha="center", va="center", transform=ax.transAxes)
   fig.tight_layout()
   return fig
-

@@ -28,6 +28,7 @@ from nin_jax import datasets, input_pipeline, lineage, models
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One finished run, as its workdir records it."""
+
   name: str  # Free label, e.g. "full/gap/seed0".
   head: str
   seed: int
@@ -54,8 +55,12 @@ def read_run(workdir, name: str = "") -> Run:
   if config is None:
     raise FileNotFoundError(f"{workdir} holds no run (no config.json).")
   lines = (path / "metrics.jsonl").read_text().splitlines()
-  return Run(name or str(workdir), config["head"], int(config["seed"]),
-             one_line_per_step([json.loads(line) for line in lines if line.strip()]))
+  return Run(
+    name or str(workdir),
+    config["head"],
+    int(config["seed"]),
+    one_line_per_step([json.loads(line) for line in lines if line.strip()]),
+  )
 
 
 def _kind(record: dict) -> str:
@@ -101,9 +106,13 @@ def class_maps(model: models.NIN, images: np.ndarray, batch_size: int = 250) -> 
   """(maps, logits): the output of the last mlpconv layer after its ReLU, one map per class
   (N, H, W, classes), and the model's logits for the same images, in eval mode."""
   graphdef, state = nnx.split(model)  # One compilation per batch shape, not one per call.
-  maps, logits = zip(*(_maps_and_logits(graphdef, state, jnp.asarray(images[start:start + batch_size]))
-                       for start in range(0, len(images), batch_size)))
-  return np.concatenate([np.asarray(m) for m in maps]), np.concatenate([np.asarray(l) for l in logits])
+  maps, logits = zip(
+    *(
+      _maps_and_logits(graphdef, state, jnp.asarray(images[start : start + batch_size]))
+      for start in range(0, len(images), batch_size)
+    )
+  )
+  return np.concatenate([np.asarray(m) for m in maps]), np.concatenate([np.asarray(z) for z in logits])
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,6 +142,7 @@ def mean_curve(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
   """(mean, low, high): the mean and its Student-t confidence interval over `values` (seeds)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   mean = statistics.fmean(values)
   if len(values) < 2:
     return mean, float("nan"), float("nan")
@@ -144,6 +154,7 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
   """a - b over paired seeds: the mean difference, its t-interval and the paired t-test's
   two-sided p-value (the runs of one seed share the body's initialisation and data order)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   if len(a) != len(b):
     raise ValueError(f"paired differences need one value per seed on each side, got {len(a)} and {len(b)}")
   mean, low, high = t_interval([x - y for x, y in zip(a, b)], confidence)
@@ -154,8 +165,10 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
 def verdict(name_a: str, name_b: str, difference: dict) -> str:
   """What a paired error difference (a - b, in points) decides: a is better (lower error) or
   worse when its interval excludes 0, else the two are not distinguishable at this power."""
-  said = (f"{difference['mean']:+.2f} points (95% CI {difference['low']:+.2f} to {difference['high']:+.2f}, "
-          f"paired t-test p = {difference['p_value']:.3g}, {difference['pairs']} seeds)")
+  said = (
+    f"{difference['mean']:+.2f} points (95% CI {difference['low']:+.2f} to {difference['high']:+.2f}, "
+    f"paired t-test p = {difference['p_value']:.3g}, {difference['pairs']} seeds)"
+  )
   if difference["high"] < 0:
     return f"{name_a} is better than {name_b}: {said}"
   if difference["low"] > 0:
@@ -176,19 +189,29 @@ def dead_classes(maps: np.ndarray, logits: np.ndarray) -> dict[str, list[int]]:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_class_maps(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                    class_names: list[str], title: str = ""):
+def plot_class_maps(
+  images: np.ndarray,
+  maps: np.ndarray,
+  labels: np.ndarray,
+  predictions: np.ndarray,
+  class_names: list[str],
+  title: str = "",
+):
   """Each image beside its per-class maps on one colour scale; the true class's map framed
   in green, a wrong prediction's in red (the paper's Figure 4)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   rows, classes = len(images), maps.shape[-1]
   fig, axes = plt.subplots(rows, classes + 1, figsize=(1.25 * (classes + 1), 1.35 * rows), squeeze=False)
   vmax = float(maps.max()) or 1.0
   for i in range(rows):
     picture = images[i, ..., 0] if images.shape[-1] == 1 else images[i]
     axes[i, 0].imshow((picture - picture.min()) / (np.ptp(picture) or 1), cmap="gray")
-    axes[i, 0].set_title(f"{class_names[labels[i]]}\n→ {class_names[predictions[i]]}", fontsize=7,
-                         color="black" if labels[i] == predictions[i] else "red")
+    axes[i, 0].set_title(
+      f"{class_names[labels[i]]}\n→ {class_names[predictions[i]]}",
+      fontsize=7,
+      color="black" if labels[i] == predictions[i] else "red",
+    )
     for c in range(classes):
       ax = axes[i, c + 1]
       image = ax.imshow(maps[i, ..., c], cmap="viridis", vmin=0, vmax=vmax)
@@ -210,8 +233,10 @@ def show(fig) -> None:
   """Displays a figure as a PNG output and closes it: the same under any matplotlib backend
   (the tests run with Agg), and never twice (inline would draw it again at the cell's end)."""
   import io as io_lib  # pylint: disable=g-import-not-at-top
+
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from IPython.display import Image, display  # pylint: disable=g-import-not-at-top
+
   buffer = io_lib.BytesIO()
   fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)

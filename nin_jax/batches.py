@@ -16,6 +16,7 @@ import numpy as np
 class Batch:
   """One host's share of a global batch. `mask` is 0 for eval padding; `skipped` counts the
   undecodable training images this host's stream has dropped so far (ImageNet)."""
+
   images: np.ndarray
   labels: np.ndarray
   mask: np.ndarray
@@ -25,6 +26,7 @@ class Batch:
 @dataclasses.dataclass
 class Data:
   """What the trainer needs: train batches from any step on, and a re-iterable eval split."""
+
   train_batches: Callable[[int], Iterator[Batch]]  # start step -> batches
   eval_batches: Callable[[], Iterator[Batch]]
   num_train_examples: int

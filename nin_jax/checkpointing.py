@@ -19,13 +19,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from nin_jax import models, workdir as workdir_lib
+from nin_jax import models
+from nin_jax import workdir as workdir_lib
 from nin_jax.errors import ConfigError, DataError, SaveFailed, TrainingDiverged
 
 
 def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         cleanup_tmp_directories=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(workdir_lib.resolve(workdir) / "checkpoints", options=options)
 
 
@@ -41,16 +41,20 @@ def save(manager: ocp.CheckpointManager, step: int, state, host_state: dict) -> 
     with _logs_held_until_success():
       for stale in sorted(s for s in manager.all_steps() if s >= step):
         manager.delete(stale)
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+      manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)),
+        force=True,
+      )
       manager.wait_until_finished()
   except Exception as e:  # Orbax wraps OS errors in many types; the reason is in the text.
     _remove_partial(manager, step)
     kept = sorted(s for s in manager.all_steps() if s < step)
     raise SaveFailed(
-        f"Could not save the checkpoint at step {step} in {manager.directory} ({_reason(e)}); the checkpoints "
-        f"at steps {', '.join(map(str, kept)) or '(none yet)'} are intact. Free space or make it writable, "
-        "then run the same command to resume.") from e
+      f"Could not save the checkpoint at step {step} in {manager.directory} ({_reason(e)}); the checkpoints "
+      f"at steps {', '.join(map(str, kept)) or '(none yet)'} are intact. Free space or make it writable, "
+      "then run the same command to resume."
+    ) from e
 
 
 @contextlib.contextmanager
@@ -132,8 +136,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state, warn=print, wanted: 
   expected = _leaf_shapes(abstract_state)
   steps = sorted(manager.all_steps(), reverse=True)
   if wanted is not None and wanted not in steps:
-    raise ConfigError(f"restore_step {wanted} is not a checkpoint in {manager.directory}; the checkpoints are "
-                      f"at steps {', '.join(map(str, sorted(steps))) or 'none'}.")
+    raise ConfigError(
+      f"restore_step {wanted} is not a checkpoint in {manager.directory}; the checkpoints are "
+      f"at steps {', '.join(map(str, sorted(steps))) or 'none'}."
+    )
   for step in [wanted] if wanted is not None else steps:
     try:
       saved = _leaf_shapes(_saved_state_metadata(manager, step))
@@ -141,19 +147,22 @@ def restore(manager: ocp.CheckpointManager, abstract_state, warn=print, wanted: 
       saved = []
     if saved and saved != expected:  # No metadata at all is damage, too.
       raise ConfigError(
-          f"The checkpoint at step {step} in {manager.directory} was saved by another model ({len(saved)} "
-          f"arrays; this config's has {len(expected)} or other shapes); a model cannot change within a "
-          "run: use a new --workdir.")
+        f"The checkpoint at step {step} in {manager.directory} was saved by another model ({len(saved)} "
+        f"arrays; this config's has {len(expected)} or other shapes); a model cannot change within a "
+        "run: use a new --workdir."
+      )
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore())
+      )
       jax.block_until_ready(restored.state)
       return restored.state, restored.host, step
     except Exception as e:  # A damaged checkpoint can fail in many ways; try an older one.
       reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
       if wanted is not None:
-        raise DataError(f"The checkpoint at step {wanted} cannot be restored ({reason}); choose another "
-                        "--config.restore_step.") from e
+        raise DataError(
+          f"The checkpoint at step {wanted} cannot be restored ({reason}); choose another --config.restore_step."
+        ) from e
       warn(f"warning: checkpoint at step {step} could not be restored ({reason}); trying the previous one.")
   return None, None, 0
 
@@ -166,13 +175,16 @@ def diverged_error(what: str, manager: ocp.CheckpointManager) -> TrainingDiverge
   """
   steps = sorted(manager.all_steps())
   if not steps:
-    return TrainingDiverged(f"{what}; no checkpoint was saved yet. Lower --config.learning_rate or add "
-                            "warm-up (--config.warmup_epochs) and start again.")
+    return TrainingDiverged(
+      f"{what}; no checkpoint was saved yet. Lower --config.learning_rate or add "
+      "warm-up (--config.warmup_epochs) and start again."
+    )
   return TrainingDiverged(
-      f"{what}; the checkpoints are kept, at steps {', '.join(map(str, steps))} (all finite). Go on from one "
-      f"of them with a lower learning rate, e.g. --config.restore_step={steps[0]} "
-      "--config.learning_rate=LOWER --config.allow_changes=learning_rate (the later checkpoints are kept "
-      "until that run saves its first), or start a new --workdir.")
+    f"{what}; the checkpoints are kept, at steps {', '.join(map(str, steps))} (all finite). Go on from one "
+    f"of them with a lower learning rate, e.g. --config.restore_step={steps[0]} "
+    "--config.learning_rate=LOWER --config.allow_changes=learning_rate (the later checkpoints are kept "
+    "until that run saves its first), or start a new --workdir."
+  )
 
 
 def _pure_dict(tree):
@@ -197,8 +209,9 @@ def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> 
       raise DataError(f"No checkpoint in {manager.directory}; train first.")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     saved = _saved_state_metadata(manager, step)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved,
-                          is_leaf=lambda m: hasattr(m, "shape"))
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved, is_leaf=lambda m: hasattr(m, "shape")
+    )
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()

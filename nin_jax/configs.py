@@ -79,31 +79,40 @@ def _validate_choices(config: ml_collections.ConfigDict) -> None:
   """Every key known, every named choice one that its module implements."""
   from nin_jax import datasets, input_pipeline, layers, models, optim  # Local: config files stay JAX-free.
 
-  choices = {"head": models.HEADS, "init": models.INITS, "dtype": tuple(models.DTYPES),
-             "optimizer": optim.OPTIMIZERS, "schedule": optim.SCHEDULES, "pool2": ("", *layers.POOL_KINDS)}
+  choices = {
+    "head": models.HEADS,
+    "init": models.INITS,
+    "dtype": tuple(models.DTYPES),
+    "optimizer": optim.OPTIMIZERS,
+    "schedule": optim.SCHEDULES,
+    "pool2": ("", *layers.POOL_KINDS),
+  }
   unknown = sorted(set(config.keys()) - set(default_config().keys()))
   if unknown:
-    raise ConfigError(f"Unknown config key(s) {', '.join(unknown)}; valid keys are listed in "
-                      "nin_jax/configs.py:default_config().")
+    raise ConfigError(
+      f"Unknown config key(s) {', '.join(unknown)}; valid keys are listed in nin_jax/configs.py:default_config()."
+    )
   if config.dataset not in datasets.DATASETS:
     raise ConfigError(f"Unknown dataset {config.dataset!r}; choose one of: {', '.join(datasets.DATASETS)}.")
   if config.model not in models.VARIANTS:
     raise ConfigError(f"Unknown model {config.model!r}; choose one of: {', '.join(models.VARIANTS)}.")
   for key, valid in choices.items():
     if config[key] not in valid:
-      raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: "
-                        f"{', '.join(repr(c) if not c else c for c in valid)}.")
+      raise ConfigError(
+        f"Unknown {key} {config[key]!r}; choose one of: {', '.join(repr(c) if not c else c for c in valid)}."
+      )
   if datasets.DATASETS[config.dataset].in_memory:
     augments, preprocesses = input_pipeline.AUGMENTS, input_pipeline.PREPROCESSES
   else:
     from nin_jax import imagenet  # TensorFlow; only for the streaming data set.
+
     augments, preprocesses = imagenet.AUGMENTS, imagenet.PREPROCESSES
   if config.augment not in augments:
-    raise ConfigError(f"Unknown augment {config.augment!r} for {config.dataset}; choose one of: "
-                      f"{', '.join(augments)}.")
+    raise ConfigError(f"Unknown augment {config.augment!r} for {config.dataset}; choose one of: {', '.join(augments)}.")
   if config.preprocess not in preprocesses:
-    raise ConfigError(f"Unknown preprocess {config.preprocess!r} for {config.dataset}; choose one of: "
-                      f"{', '.join(preprocesses)}.")
+    raise ConfigError(
+      f"Unknown preprocess {config.preprocess!r} for {config.dataset}; choose one of: {', '.join(preprocesses)}."
+    )
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
@@ -115,18 +124,24 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
   if not isinstance(config.batch_size, int) or config.batch_size <= 0:
     raise ConfigError(f"batch_size must be a positive integer, got {config.batch_size!r}.")
   if config.batch_size % device_count:
-    raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {device_count} devices; "
-                      f"use a multiple of {device_count}.")
+    raise ConfigError(
+      f"batch_size {config.batch_size} is not divisible by the {device_count} devices; "
+      f"use a multiple of {device_count}."
+    )
   if not isinstance(config.eval_batch_size, int) or config.eval_batch_size <= 0:
     raise ConfigError(f"eval_batch_size must be a positive integer, got {config.eval_batch_size!r}.")
   if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
     raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}.")
   if info.in_memory and config.dataset != "synthetic" and config.image_size not in (0, info.image_size):
-    raise ConfigError(f"image_size {config.image_size} cannot apply to {config.dataset}, whose images are "
-                      f"{info.image_size}x{info.image_size} and are not resized; leave image_size at 0.")
+    raise ConfigError(
+      f"image_size {config.image_size} cannot apply to {config.dataset}, whose images are "
+      f"{info.image_size}x{info.image_size} and are not resized; leave image_size at 0."
+    )
   if config.validation_examples and not (info.in_memory and config.dataset != "synthetic"):
-    raise ConfigError(f"validation_examples holds out training images of the in-memory data sets only, "
-                      f"not {config.dataset}; leave it at 0.")
+    raise ConfigError(
+      f"validation_examples holds out training images of the in-memory data sets only, "
+      f"not {config.dataset}; leave it at 0."
+    )
   if config.batch_size % process_count:
     raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {process_count} hosts.")
   lr = config.learning_rate
@@ -136,8 +151,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
     raise ConfigError("Set num_epochs > 0 or num_train_steps > 0.")
   unknown = sorted(allowed_changes(config) - set(default_config().keys()))
   if unknown:
-    raise ConfigError(f"allow_changes names unknown config key(s) {', '.join(unknown)}; name keys of "
-                      "nin_jax/configs.py:default_config(), separated by commas.")
+    raise ConfigError(
+      f"allow_changes names unknown config key(s) {', '.join(unknown)}; name keys of "
+      "nin_jax/configs.py:default_config(), separated by commas."
+    )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ConfigError(f"{key} must be positive, got {config[key]}.")

@@ -33,23 +33,32 @@ class DatasetInfo:
 
 
 DATASETS = {
-    "fashion_mnist": DatasetInfo("fashion_mnist", "fashion_mnist", 10, 28, 1, "train", "test"),
-    "mnist": DatasetInfo("mnist", "mnist", 10, 28, 1, "train", "test"),
-    "cifar10": DatasetInfo("cifar10", "cifar10", 10, 32, 3, "train", "test"),
-    "cifar100": DatasetInfo("cifar100", "cifar100", 100, 32, 3, "train", "test"),
-    "svhn": DatasetInfo("svhn", "svhn_cropped", 10, 32, 3, "train", "test"),
-    "imagenet2012": DatasetInfo("imagenet2012", "imagenet2012", 1000, 224, 3, "train",
-                                "validation", in_memory=False),
-    "synthetic": DatasetInfo("synthetic", "", 10, 32, 3, "train", "test"),
+  "fashion_mnist": DatasetInfo("fashion_mnist", "fashion_mnist", 10, 28, 1, "train", "test"),
+  "mnist": DatasetInfo("mnist", "mnist", 10, 28, 1, "train", "test"),
+  "cifar10": DatasetInfo("cifar10", "cifar10", 10, 32, 3, "train", "test"),
+  "cifar100": DatasetInfo("cifar100", "cifar100", 100, 32, 3, "train", "test"),
+  "svhn": DatasetInfo("svhn", "svhn_cropped", 10, 32, 3, "train", "test"),
+  "imagenet2012": DatasetInfo("imagenet2012", "imagenet2012", 1000, 224, 3, "train", "validation", in_memory=False),
+  "synthetic": DatasetInfo("synthetic", "", 10, 32, 3, "train", "test"),
 }
 
 # Names of the classes, in label order, where a data set has them (for plots).
 CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                      "Bag", "Ankle boot"),
-    "mnist": tuple(str(i) for i in range(10)),
-    "svhn": tuple(str(i) for i in range(10)),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+  "fashion_mnist": (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+  ),
+  "mnist": tuple(str(i) for i in range(10)),
+  "svhn": tuple(str(i) for i in range(10)),
+  "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
 }
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -59,6 +68,7 @@ IDX_DATASETS = ("mnist", "fashion_mnist")  # Distributed as IDX files (--config.
 @dataclasses.dataclass
 class ArraySplits:
   """uint8 NHWC images and int32 labels of a train and an eval split."""
+
   train_images: np.ndarray
   train_labels: np.ndarray
   eval_images: np.ndarray
@@ -72,8 +82,10 @@ def get_info(name: str) -> DatasetInfo:
   return DATASETS[name]
 
 
-_IDX_FIX = ("reinstall the data set (Debian: apt-get install --reinstall dataset-fashion-mnist) or point "
-            "--config.idx_dir at a directory holding the four IDX files")
+_IDX_FIX = (
+  "reinstall the data set (Debian: apt-get install --reinstall dataset-fashion-mnist) or point "
+  "--config.idx_dir at a directory holding the four IDX files"
+)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -93,7 +105,7 @@ def read_idx(path: str) -> np.ndarray:
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise DataError(f"{path} is not an IDX file of unsigned bytes ({len(data)} bytes); {_IDX_FIX}.")
   ndim = data[3]
-  shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+  shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
   array = np.frombuffer(data, np.uint8, offset=min(4 + 4 * ndim, len(data)))
   if array.size != int(np.prod(shape)):
     raise DataError(f"{path} is truncated ({array.size} of {int(np.prod(shape))} values); {_IDX_FIX}.")
@@ -109,8 +121,10 @@ def _idx_file(directory: str, stem: str) -> str:
 def load_idx_dir(directory: str) -> ArraySplits:
   """The four files of an MNIST-style IDX distribution (train/t10k, images/labels)."""
   if not os.path.isdir(directory):
-    raise DataError(f"{directory} is not a directory; point --config.idx_dir at the one holding the four "
-                    "IDX files (train-images-idx3-ubyte[.gz], ...).")
+    raise DataError(
+      f"{directory} is not a directory; point --config.idx_dir at the one holding the four "
+      "IDX files (train-images-idx3-ubyte[.gz], ...)."
+    )
 
   def load(prefix):
     images = read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
@@ -132,6 +146,7 @@ def import_tfds():
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TensorFlow already started, with this setting from an earlier call.
@@ -156,9 +171,11 @@ def _check_downloadable(builder) -> None:
   unreachable = _unreachable_hosts(builder.url_infos or {})
   if unreachable:
     hosts = "; ".join(f"{host}: {reason}" for host, reason in unreachable.items())
-    raise DataError(f"TFDS {builder.name!r} is not prepared in {builder.data_dir} and cannot be downloaded from "
-                    f"here ({hosts}); prepare it with `tfds build {builder.name}` on a machine with internet "
-                    "access and point --config.data_dir at its directory.")
+    raise DataError(
+      f"TFDS {builder.name!r} is not prepared in {builder.data_dir} and cannot be downloaded from "
+      f"here ({hosts}); prepare it with `tfds build {builder.name}` on a machine with internet "
+      "access and point --config.data_dir at its directory."
+    )
 
 
 def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> ArraySplits:
@@ -170,22 +187,27 @@ def _load_tfds(info: DatasetInfo, data_dir: str | None, download: bool) -> Array
   splits = []
   for split in (info.train_split, info.eval_split):
     try:
-      ds = tfds.load(info.tfds_name, split=split, data_dir=data_dir, download=download,
-                     as_supervised=True, shuffle_files=False)
+      ds = tfds.load(
+        info.tfds_name, split=split, data_dir=data_dir, download=download, as_supervised=True, shuffle_files=False
+      )
     except Exception as e:  # TFDS raises many types for "not there" (AssertionError, OSError, ...).
       raise DataError(
-          f"Could not load TFDS {info.tfds_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-          f"prepare it with `tfds build {info.tfds_name}` on a machine with internet access and "
-          "point --config.data_dir at its directory.") from e
+        f"Could not load TFDS {info.tfds_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        f"prepare it with `tfds build {info.tfds_name}` on a machine with internet access and "
+        "point --config.data_dir at its directory."
+      ) from e
     # Batches, not batch_size=-1: that builds one batch of the split's recorded size.
     chunks = list(tfds.as_numpy(ds.batch(8192)))
-    splits += [np.concatenate([c[0] for c in chunks]).astype(np.uint8),
-               np.concatenate([c[1] for c in chunks]).astype(np.int32)]
+    splits += [
+      np.concatenate([c[0] for c in chunks]).astype(np.uint8),
+      np.concatenate([c[1] for c in chunks]).astype(np.int32),
+    ]
   return ArraySplits(*splits, source=f"tfds:{info.tfds_name}")
 
 
-def load_arrays(name: str, *, data_dir: str | None = None, download: bool = True,
-                idx_dir: str | None = None) -> ArraySplits:
+def load_arrays(
+  name: str, *, data_dir: str | None = None, download: bool = True, idx_dir: str | None = None
+) -> ArraySplits:
   """The whole train and eval splits of a small data set, as uint8 NHWC arrays.
 
   `idx_dir` (MNIST and Fashion-MNIST) reads the original IDX files from a directory.
@@ -206,6 +228,7 @@ def load_arrays(name: str, *, data_dir: str | None = None, download: bool = True
   except DataError as e:
     if name == "fashion_mnist":
       raise DataError(
-          "Fashion-MNIST not found: install it with `apt-get install dataset-fashion-mnist` "
-          f"(offline) or let TFDS download it (`tfds build fashion_mnist`). [{e}]") from e
+        "Fashion-MNIST not found: install it with `apt-get install dataset-fashion-mnist` "
+        f"(offline) or let TFDS download it (`tfds build fashion_mnist`). [{e}]"
+      ) from e
     raise

@@ -46,6 +46,7 @@ SLOWER = 1.10
 class Timing:
   """Milliseconds of one layer's forward and backward pass per dtype; bfloat16_ms is None
   where the kernels have no bfloat16 implementation on this CPU."""
+
   kernels: str  # "onednn" or "xla"
   float32_ms: float
   bfloat16_ms: float | None
@@ -74,9 +75,11 @@ def cpu_name() -> str:
 
 def _layer(conv_relu):
   """One layer's forward and backward pass through `conv_relu(x, w, b, strides, padding)`."""
+
   def loss(x, w5, b5, w1, b1):
     h = conv_relu(x, w5, b5, (1, 1), ((2, 2), (2, 2)))
     return jnp.sum(conv_relu(h, w1, b1, (1, 1), ((0, 0), (0, 0))).astype(jnp.float32))
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
@@ -113,8 +116,9 @@ def _measure(step, kernels: str) -> Timing:
       jax.block_until_ready(run())
       times[dtype].append(1e3 * (time.perf_counter() - start))
   bfloat16 = times.get(jnp.bfloat16)
-  return Timing(kernels, statistics.median(times[jnp.float32]),
-                statistics.median(bfloat16) if bfloat16 else None, cpu_name())
+  return Timing(
+    kernels, statistics.median(times[jnp.float32]), statistics.median(bfloat16) if bfloat16 else None, cpu_name()
+  )
 
 
 def _cache_file(kernels: str):
@@ -162,8 +166,11 @@ def bfloat16_kernels() -> str:
   """Which kernels a bfloat16 layer runs on here, for the run's description line."""
   if kernels_here() == "xla":
     return "XLA's kernels"
-  return ("oneDNN's bfloat16 kernels" if onednn_bfloat16_native()
-          else "oneDNN's float32 kernels (its bfloat16 ones measured slower here, or are absent)")
+  return (
+    "oneDNN's bfloat16 kernels"
+    if onednn_bfloat16_native()
+    else "oneDNN's float32 kernels (its bfloat16 ones measured slower here, or are absent)"
+  )
 
 
 def slow_dtype_advice(dtype, platform: str) -> str | None:
@@ -181,10 +188,15 @@ def slow_dtype_advice(dtype, platform: str) -> str | None:
     return None
   where = "oneDNN" if kernels == "onednn" else "XLA's kernels (several CPU devices, or oneDNN off)"
   took = f"took {measured.float32_ms:.1f} ms in float32"
-  took += (f" and {measured.bfloat16_ms:.1f} ms in bfloat16" if measured.bfloat16_ms
-           else ", and oneDNN has no bfloat16 kernel for it")
-  return (f"note: on this CPU ({measured.cpu}) a NIN layer on {where} {took} (measured once, cached); "
-          f"--config.dtype=float32 trains faster here.")
+  took += (
+    f" and {measured.bfloat16_ms:.1f} ms in bfloat16"
+    if measured.bfloat16_ms
+    else ", and oneDNN has no bfloat16 kernel for it"
+  )
+  return (
+    f"note: on this CPU ({measured.cpu}) a NIN layer on {where} {took} (measured once, cached); "
+    f"--config.dtype=float32 trains faster here."
+  )
 
 
 def main() -> int:

@@ -11,8 +11,11 @@ import math
 import ml_collections
 
 # (steps key, epochs key) of each duration; `steps` converts any of them.
-DURATIONS = {"train": ("num_train_steps", "num_epochs"), "warmup": ("warmup_steps", "warmup_epochs"),
-             "decay": ("decay_steps", "decay_epochs")}
+DURATIONS = {
+  "train": ("num_train_steps", "num_epochs"),
+  "warmup": ("warmup_steps", "warmup_epochs"),
+  "decay": ("decay_steps", "decay_epochs"),
+}
 
 
 def steps(config: ml_collections.ConfigDict, duration: str, steps_per_epoch: int):

@@ -50,8 +50,14 @@ def train_example(encoded, seed, *, size: int, augment: str, preprocess: str) ->
   if augment == "inception":
     shape = tf.io.extract_jpeg_shape(encoded)
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4]), seed=crop_seed, area_range=(0.08, 1.0),
-        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True)
+      shape,
+      tf.zeros([0, 0, 4]),
+      seed=crop_seed,
+      area_range=(0.08, 1.0),
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+    )
     y, x, _ = tf.unstack(begin)
     h, w, _ = tf.unstack(crop_size)
     image = tf.io.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=3)
@@ -71,7 +77,7 @@ def eval_example(encoded, *, size: int, preprocess: str) -> tf.Tensor:
   resize = max(CAFFE_RESIZE, size)
   image = _decode_resize(encoded, resize)
   offset = (resize - size) // 2
-  return _normalize(image[offset:offset + size, offset:offset + size], preprocess)
+  return _normalize(image[offset : offset + size, offset : offset + size], preprocess)
 
 
 def without_undecodable(ds: tf.data.Dataset, recorded: list[str] = ()) -> tf.data.Dataset:
@@ -102,8 +108,9 @@ def _decodable(recorded: list[str]):
   """example -> whether to keep it: a JPEG file whose name is not in `recorded`."""
   if not recorded:
     return lambda example: tf.io.is_jpeg(example["image"])
-  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-      tf.constant(list(recorded)), tf.ones(len(recorded), tf.int64)), default_value=0)
+  table = tf.lookup.StaticHashTable(
+    tf.lookup.KeyValueTensorInitializer(tf.constant(list(recorded)), tf.ones(len(recorded), tf.int64)), default_value=0
+  )
   return lambda example: tf.logical_and(tf.io.is_jpeg(example["image"]), table.lookup(example["file_name"]) == 0)
 
 
@@ -120,17 +127,25 @@ def _first_failing(examples: tf.data.Dataset, decode) -> tuple[str, str]:
 
 
 def _failed_to_decode(builder, split: str, name: str, reason: str) -> DataError:
-  return DataError(f"The {split} image {name} in {builder.data_dir} does not decode ({reason}): the prepared set "
-                   f"changed since it was verified, or was never verified. Run `{imagenet_prepare.verify_command(builder)}`"
-                   " to record the images to leave out, then run again (training resumes where it stopped).")
+  return DataError(
+    f"The {split} image {name} in {builder.data_dir} does not decode ({reason}): the prepared set "
+    f"changed since it was verified, or was never verified. Run `{imagenet_prepare.verify_command(builder)}`"
+    " to record the images to leave out, then run again (training resumes where it stopped)."
+  )
 
 
 def _left_out(builder, record: dict[str, list[str]] | None) -> tuple[str, ...]:
   if record is None:
-    return (f"note: the prepared imagenet2012 in {builder.data_dir} was never verified, so a damaged image would "
-            f"stop training: verify it once with `{imagenet_prepare.verify_command(builder)}`.",)
-  return tuple(f"{len(names):,} undecodable {split} image(s) left out: {', '.join(names[:5])}"
-               + (", ..." if len(names) > 5 else "") for split, names in record.items() if names)
+    return (
+      f"note: the prepared imagenet2012 in {builder.data_dir} was never verified, so a damaged image would "
+      f"stop training: verify it once with `{imagenet_prepare.verify_command(builder)}`.",
+    )
+  return tuple(
+    f"{len(names):,} undecodable {split} image(s) left out: {', '.join(names[:5])}"
+    + (", ..." if len(names) > 5 else "")
+    for split, names in record.items()
+    if names
+  )
 
 
 def make_data(config, size: int, process_index: int, process_count: int) -> Data:
@@ -142,8 +157,9 @@ def make_data(config, size: int, process_index: int, process_count: int) -> Data
   local_batch = config.batch_size // process_count
   train_split = tfds.even_splits(info.train_split, n=process_count, drop_remainder=True)[process_index]
   eval_splits = tfds.even_splits(info.eval_split, n=process_count)
-  num_train = config.train_examples or (builder.info.splits[info.train_split].num_examples
-                                        - len(left_out.get(info.train_split, ())))
+  num_train = config.train_examples or (
+    builder.info.splits[info.train_split].num_examples - len(left_out.get(info.train_split, ()))
+  )
   if config.eval_examples > 0:  # At most N/hosts of each host's share (mock data, quick checks).
     eval_counts = [math.ceil(config.eval_examples / process_count)] * process_count
     num_eval = sum(eval_counts)
@@ -165,28 +181,37 @@ def make_data(config, size: int, process_index: int, process_count: int) -> Data
     return ds.enumerate().skip(start_step * local_batch)  # Skip before decoding: cheap.
 
   def train_one(i, example):
-    return train_example(example["image"], tf.stack([tf.cast(config.seed, tf.int64), i]), size=size,
-                         augment=config.augment, preprocess=config.preprocess)
+    return train_example(
+      example["image"],
+      tf.stack([tf.cast(config.seed, tf.int64), i]),
+      size=size,
+      augment=config.augment,
+      preprocess=config.preprocess,
+    )
 
   def train_batches(start_step: int):
-    ds = train_examples(start_step).map(lambda i, ex_skipped: (
-        train_one(i, ex_skipped[0]), ex_skipped[0]["label"], ex_skipped[1]),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = train_examples(start_step).map(
+      lambda i, ex_skipped: (train_one(i, ex_skipped[0]), ex_skipped[0]["label"], ex_skipped[1]),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     step = start_step
     try:
       for images, labels, skipped in tfds.as_numpy(ds):
-        yield Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32),
-                                   skipped=int(skipped.max()))
+        yield Batch(images, labels.astype(np.int32), np.ones(len(labels), np.float32), skipped=int(skipped.max()))
         step += 1
     except tf.errors.InvalidArgumentError as e:
       if UNDECODABLE in str(e):
-        raise DataError(f"{UNDECODABLE} in {builder.data_dir}; the prepared data set is damaged: delete that "
-                        "directory and run again to rebuild it from the ILSVRC tar files.") from e
+        raise DataError(
+          f"{UNDECODABLE} in {builder.data_dir}; the prepared data set is damaged: delete that "
+          "directory and run again to rebuild it from the ILSVRC tar files."
+        ) from e
       # Batches arrive in order, so the image that failed is in the batch of `step` (or the next).
       suspects = train_examples(step).take(2 * local_batch).map(lambda i, ex_skipped: {**ex_skipped[0], "position": i})
-      raise _failed_to_decode(builder, info.train_split, *_first_failing(
-          suspects, lambda ex: train_one(ex["position"], ex))) from e
+      raise _failed_to_decode(
+        builder, info.train_split, *_first_failing(suspects, lambda ex: train_one(ex["position"], ex))
+      ) from e
 
   def eval_examples(process: int) -> tf.data.Dataset:
     ds = builder.as_dataset(split=eval_splits[process], decoders=decoders)
@@ -198,11 +223,12 @@ def make_data(config, size: int, process_index: int, process_count: int) -> Data
 
   def eval_batches():
     ds = eval_examples(process_index).map(
-        lambda ex: (eval_one(ex), tf.cast(ex["label"], tf.int32), tf.constant(1.0)),
-        num_parallel_calls=tf.data.AUTOTUNE)
+      lambda ex: (eval_one(ex), tf.cast(ex["label"], tf.int32), tf.constant(1.0)), num_parallel_calls=tf.data.AUTOTUNE
+    )
     # Every host yields the same number of batches; padding examples carry mask 0.
     padding = tf.data.Dataset.from_tensors(
-        (tf.zeros((size, size, 3)), tf.constant(0, tf.int32), tf.constant(0.0))).repeat()
+      (tf.zeros((size, size, 3)), tf.constant(0, tf.int32), tf.constant(0.0))
+    ).repeat()
     ds = ds.concatenate(padding).take(num_eval_batches * local_eval_batch).batch(local_eval_batch)
     batches = 0
     try:
@@ -213,5 +239,10 @@ def make_data(config, size: int, process_index: int, process_count: int) -> Data
       suspects = eval_examples(process_index).skip(batches * local_eval_batch).take(2 * local_eval_batch)
       raise _failed_to_decode(builder, info.eval_split, *_first_failing(suspects, eval_one)) from e
 
-  return Data(train_batches=train_batches, eval_batches=eval_batches, num_train_examples=num_train, num_eval_examples=num_eval,
-                             notes=_left_out(builder, record))
+  return Data(
+    train_batches=train_batches,
+    eval_batches=eval_batches,
+    num_train_examples=num_train,
+    num_eval_examples=num_eval,
+    notes=_left_out(builder, record),
+  )

@@ -32,8 +32,7 @@ from nin_jax.errors import DataError
 tfds = datasets.import_tfds()
 
 # The two tars and their sizes, from TFDS's imagenet2012 checksums.tsv (image-net.org's files).
-TARS = {"train": ("ILSVRC2012_img_train.tar", 147_897_477_120),
-        "validation": ("ILSVRC2012_img_val.tar", 6_744_924_160)}
+TARS = {"train": ("ILSVRC2012_img_train.tar", 147_897_477_120), "validation": ("ILSVRC2012_img_val.tar", 6_744_924_160)}
 # Images per split of ILSVRC-2012 (TFDS's imagenet2012 split sizes).
 FULL_SPLITS = {"train": 1_281_167, "validation": 50_000}
 TAR_BLOCK = 512  # A tar file is whole 512-byte blocks and ends with (at least) two zero blocks.
@@ -59,8 +58,10 @@ def tar_problem(path: str, full_size: int) -> str | None:
       f.seek(size - 2 * TAR_BLOCK)
       complete = not any(f.read(2 * TAR_BLOCK))
   if not complete:
-    return (f"is truncated ({size:,} of image-net.org's {full_size:,} bytes, without the end-of-archive "
-            "marker a complete tar ends with)")
+    return (
+      f"is truncated ({size:,} of image-net.org's {full_size:,} bytes, without the end-of-archive "
+      "marker a complete tar ends with)"
+    )
   return None
 
 
@@ -72,9 +73,11 @@ def check_tars(manual_dir: str) -> None:
     if problem:
       problems.append(f"{name} {problem}")
   if problems:
-    raise DataError(f"ImageNet is not prepared and cannot be built from {manual_dir}: {' and '.join(problems)}. "
-                    "Download the named file(s) from image-net.org into that directory (or set "
-                    "--config.manual_dir), then run again.")
+    raise DataError(
+      f"ImageNet is not prepared and cannot be built from {manual_dir}: {' and '.join(problems)}. "
+      "Download the named file(s) from image-net.org into that directory (or set "
+      "--config.manual_dir), then run again."
+    )
 
 
 def check_prepared(builder) -> None:
@@ -82,15 +85,20 @@ def check_prepared(builder) -> None:
   splits = builder.info.splits
   missing = [s for s in FULL_SPLITS if s not in splits]
   if missing:
-    raise DataError(f"The prepared imagenet2012 in {builder.data_dir} has no {' or '.join(missing)} split "
-                    f"(it was built while {' and '.join(TARS[s][0] for s in missing)} was missing from the "
-                    f"manual directory): delete {builder.data_dir}, put both tars in the manual directory, "
-                    "and run again to rebuild it.")
+    raise DataError(
+      f"The prepared imagenet2012 in {builder.data_dir} has no {' or '.join(missing)} split "
+      f"(it was built while {' and '.join(TARS[s][0] for s in missing)} was missing from the "
+      f"manual directory): delete {builder.data_dir}, put both tars in the manual directory, "
+      "and run again to rebuild it."
+    )
   short = {s: splits[s].num_examples for s, n in FULL_SPLITS.items() if splits[s].num_examples < n}
   if short:
-    logging.warning("The prepared imagenet2012 in %s holds fewer images than ILSVRC-2012 (%s); if it was "
-                    "built from incomplete tars, delete that directory and run again to rebuild it.",
-                    builder.data_dir, ", ".join(f"{s}: {n:,} of {FULL_SPLITS[s]:,}" for s, n in short.items()))
+    logging.warning(
+      "The prepared imagenet2012 in %s holds fewer images than ILSVRC-2012 (%s); if it was "
+      "built from incomplete tars, delete that directory and run again to rebuild it.",
+      builder.data_dir,
+      ", ".join(f"{s}: {n:,} of {FULL_SPLITS[s]:,}" for s, n in short.items()),
+    )
 
 
 def _part_being_read(error: BaseException) -> str:
@@ -144,8 +152,10 @@ def find_undecodable(builder, split: str, say=print) -> list[str]:
       undecodable.append(name.decode())
     if checked % PROGRESS_EVERY == 0 or checked == total:
       seconds = time.monotonic() - start
-      say(f"verified {checked:,} of {total:,} {split} images ({checked / max(seconds, 1e-9):,.0f}/s): "
-          f"{len(undecodable):,} undecodable")
+      say(
+        f"verified {checked:,} of {total:,} {split} images ({checked / max(seconds, 1e-9):,.0f}/s): "
+        f"{len(undecodable):,} undecodable"
+      )
   return sorted(undecodable)
 
 
@@ -159,8 +169,10 @@ def verify(builder, say=print) -> dict[str, list[str]]:
   tf.io.gfile.rename(partial, path, overwrite=True)
   for split, names in record.items():
     if names:
-      say(f"warning: {len(names):,} {split} image(s) cannot be decoded and will be left out: "
-          f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (listed in {path})")
+      say(
+        f"warning: {len(names):,} {split} image(s) cannot be decoded and will be left out: "
+        f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (listed in {path})"
+      )
   return record
 
 
@@ -185,16 +197,20 @@ def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
     manual_dir = manual_dir or os.path.join(builder._data_dir_root, "downloads", "manual")  # pylint: disable=protected-access
     check_tars(manual_dir)
     if process_count > 1:
-      raise DataError(f"imagenet2012 is not prepared in {builder.data_dir}, and {process_count} hosts would each "
-                      "build it at once: prepare it once from one machine with `python -m nin_jax.imagenet_prepare "
-                      f"--data_dir={data_dir or builder._data_dir_root} --manual_dir={manual_dir}`, then run again.")  # pylint: disable=protected-access
+      raise DataError(
+        f"imagenet2012 is not prepared in {builder.data_dir}, and {process_count} hosts would each "
+        "build it at once: prepare it once from one machine with `python -m nin_jax.imagenet_prepare "
+        f"--data_dir={data_dir or builder._data_dir_root} --manual_dir={manual_dir}`, then run again."
+      )  # pylint: disable=protected-access
     try:
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # TFDS raises OutOfRangeError, tarfile.ReadError, AssertionError, ...
       reason = (str(e).strip().splitlines() or [""])[0][:300]
-      raise DataError(f"TFDS could not build imagenet2012 from {manual_dir}: {_part_being_read(e)} is damaged "
-                      f"({type(e).__name__}: {reason}); compare its size and SHA-256 with image-net.org's, "
-                      "download it again, and run again.") from e
+      raise DataError(
+        f"TFDS could not build imagenet2012 from {manual_dir}: {_part_being_read(e)} is damaged "
+        f"({type(e).__name__}: {reason}); compare its size and SHA-256 with image-net.org's, "
+        "download it again, and run again."
+      ) from e
     check_prepared(builder)
     verify(builder)
   check_prepared(builder)
@@ -204,12 +220,18 @@ def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
 def main(argv=None) -> int:
   """`python -m nin_jax.imagenet_prepare --data_dir=DIR --manual_dir=DIR`: prepares once."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description="Prepare TFDS imagenet2012 from the two ILSVRC-2012 tars.")
   parser.add_argument("--data_dir", default="", help="TFDS data_dir (local or gs://); default TFDS's.")
-  parser.add_argument("--manual_dir", default="", help="Directory of the two tars; default <data_dir>/downloads/manual.")
-  parser.add_argument("--verify", action="store_true",
-                      help="Decode every image of the prepared set again and rewrite the record of undecodable ones "
-                           "(for a set that changed since it was prepared or verified).")
+  parser.add_argument(
+    "--manual_dir", default="", help="Directory of the two tars; default <data_dir>/downloads/manual."
+  )
+  parser.add_argument(
+    "--verify",
+    action="store_true",
+    help="Decode every image of the prepared set again and rewrite the record of undecodable ones "
+    "(for a set that changed since it was prepared or verified).",
+  )
   args = parser.parse_args(argv)
   try:
     builder = prepared_builder(args.data_dir, args.manual_dir)
@@ -220,11 +242,17 @@ def main(argv=None) -> int:
   if args.verify or record is None:  # A set prepared before images were verified gets its record now.
     record = verify(builder)
   splits = builder.info.splits
-  print(f"imagenet2012 is prepared in {builder.data_dir}: "
-        + " and ".join(f"{splits[s].num_examples - len(record[s]):,} {s}" for s in FULL_SPLITS)
-        + " images that decode" + (f" ({sum(map(len, record.values())):,} left out, listed in "
-                                   f"{os.path.join(builder.data_dir, RECORD)})" if any(record.values()) else "")
-        + ".")
+  print(
+    f"imagenet2012 is prepared in {builder.data_dir}: "
+    + " and ".join(f"{splits[s].num_examples - len(record[s]):,} {s}" for s in FULL_SPLITS)
+    + " images that decode"
+    + (
+      f" ({sum(map(len, record.values())):,} left out, listed in {os.path.join(builder.data_dir, RECORD)})"
+      if any(record.values())
+      else ""
+    )
+    + "."
+  )
   return 0
 
 

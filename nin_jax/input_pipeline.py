@@ -26,7 +26,7 @@ def global_contrast_normalize(x: np.ndarray, scale: float = 55.0, eps: float = 1
   """Per-image GCN as in the maxout/NIN CIFAR preprocessing: zero mean, fixed norm."""
   flat = x.reshape(len(x), -1).astype(np.float64)
   flat -= flat.mean(axis=1, keepdims=True)
-  norms = np.sqrt((flat ** 2).sum(axis=1, keepdims=True)) / scale
+  norms = np.sqrt((flat**2).sum(axis=1, keepdims=True)) / scale
   return (flat / np.maximum(norms, eps)).reshape(x.shape).astype(np.float32)
 
 
@@ -40,10 +40,10 @@ def fit_zca(x: np.ndarray, eps: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), whiten.astype(np.float32)
 
 
-def local_contrast_normalize(x: np.ndarray, radius: int = 4, sigma: float = 2.0,
-                             eps: float = 1e-4) -> np.ndarray:
+def local_contrast_normalize(x: np.ndarray, radius: int = 4, sigma: float = 2.0, eps: float = 1e-4) -> np.ndarray:
   """Local contrast normalisation (as used for SVHN): subtract a Gaussian-weighted local
   mean and divide by the local standard deviation, per image, channels pooled."""
+
   def gaussian_matrix(n):  # "same"-mode 1-D Gaussian filter as an (n, n) matrix.
     offsets = np.arange(n)[:, None] - np.arange(n)[None, :]
     taps = np.where(np.abs(offsets) <= radius, np.exp(-0.5 * (offsets / sigma) ** 2), 0.0)
@@ -55,7 +55,7 @@ def local_contrast_normalize(x: np.ndarray, radius: int = 4, sigma: float = 2.0,
   x = x.astype(np.float32) / 255.0
   gray_mean = blur(x.mean(axis=-1))
   centred = x - gray_mean[..., None]
-  local_std = np.sqrt(blur((centred ** 2).mean(axis=-1)))
+  local_std = np.sqrt(blur((centred**2).mean(axis=-1)))
   divisor = np.maximum(local_std, local_std.mean(axis=(1, 2), keepdims=True))
   return (centred / np.maximum(divisor, eps)[..., None]).astype(np.float32)
 
@@ -87,8 +87,15 @@ def preprocess(train: np.ndarray, evaluation: np.ndarray, method: str) -> tuple[
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 
 
-def augment(images: np.ndarray, method: str, rng: np.random.Generator, *, pad: int = 4,
-            global_batch: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+def augment(
+  images: np.ndarray,
+  method: str,
+  rng: np.random.Generator,
+  *,
+  pad: int = 4,
+  global_batch: int | None = None,
+  rows: slice = slice(None),
+) -> np.ndarray:
   """Zero-pad + random crop and/or horizontal flip, vectorised over the batch.
 
   The random draws are made for the whole global batch and sliced to `rows` (this
@@ -120,8 +127,17 @@ class InMemoryTrain:
   incomplete batch of an epoch is dropped, as is usual for training.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
-               augment_method: str, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch: int,
+    seed: int,
+    augment_method: str,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if global_batch > len(images):
       raise ValueError(f"batch_size {global_batch} exceeds the {len(images)} training examples.")
     self.images, self.labels = images, labels
@@ -134,15 +150,15 @@ class InMemoryTrain:
     epoch, within = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-    index = self._perm[within * self.global_batch:(within + 1) * self.global_batch][self.rows]
+    index = self._perm[within * self.global_batch : (within + 1) * self.global_batch][self.rows]
     rng = np.random.default_rng([self.seed, epoch, within])
-    images = augment(self.images[index], self.augment_method, rng, global_batch=self.global_batch,
-                     rows=self.rows)
+    images = augment(self.images[index], self.augment_method, rng, global_batch=self.global_batch, rows=self.rows)
     return Batch(images, self.labels[index], np.ones(len(index), np.float32))
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def eval_batches(
+  images: np.ndarray, labels: np.ndarray, *, global_batch: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[Batch]:
   """Every example exactly once; the last global batch is zero-padded and masked."""
   rows = host_slice(global_batch, process_index, process_count)
   for start in range(0, len(images), global_batch):
@@ -153,15 +169,23 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, *, global_batch: int,
       missing = global_batch - (stop - start)
       x = np.concatenate([x, np.zeros((missing, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros(missing, y.dtype)])
-      mask[stop - start:] = 0
+      mask[stop - start :] = 0
     yield Batch(x[rows], y[rows], mask[rows])
 
 
 class SyntheticTrain:
   """Random images and labels of any model's shape, for benchmarks and smoke tests."""
 
-  def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int, global_batch: int,
-               seed: int, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    *,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     self.image_shape, self.num_classes, self.seed = image_shape, num_classes, seed
     self.rows = host_slice(global_batch, process_index, process_count)
     self.steps_per_epoch = 1000
@@ -175,22 +199,27 @@ class SyntheticTrain:
 
 def synthetic_eval(*, image_shape, num_classes: int, num_examples: int, seed: int):
   rng = np.random.default_rng([seed, 10**6])
-  return (rng.standard_normal((num_examples, *image_shape), np.float32),
-          rng.integers(0, num_classes, num_examples).astype(np.int32))
-
+  return (
+    rng.standard_normal((num_examples, *image_shape), np.float32),
+    rng.integers(0, num_classes, num_examples).astype(np.int32),
+  )
 
 
 # ----------------------------------------------------------------------------- a config's data
 
 
-def _array_data(config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train: int,
-                process_index: int, process_count: int) -> Data:
+def _array_data(
+  config, train, eval_x: np.ndarray, eval_y: np.ndarray, num_train: int, process_index: int, process_count: int
+) -> Data:
   """Data from a train source with `.batch(step)` and an in-memory eval split."""
   return Data(
-      train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
-      eval_batches=lambda: eval_batches(eval_x, eval_y, global_batch=config.eval_batch_size,
-                                        process_index=process_index, process_count=process_count),
-      num_train_examples=num_train, num_eval_examples=len(eval_x))
+    train_batches=lambda start: (train.batch(s) for s in range(start, 2**62)),
+    eval_batches=lambda: eval_batches(
+      eval_x, eval_y, global_batch=config.eval_batch_size, process_index=process_index, process_count=process_count
+    ),
+    num_train_examples=num_train,
+    num_eval_examples=len(eval_x),
+  )
 
 
 def in_memory_arrays(config, *, test_set: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -202,22 +231,25 @@ def in_memory_arrays(config, *, test_set: bool = False) -> tuple[np.ndarray, np.
   `test_set` keeps that training split but returns the test set as the eval one (a run's
   final test error, measured once).
   """
-  arrays = datasets.load_arrays(config.dataset, data_dir=config.data_dir or None, download=config.download,
-                               idx_dir=config.idx_dir or None)
+  arrays = datasets.load_arrays(
+    config.dataset, data_dir=config.data_dir or None, download=config.download, idx_dir=config.idx_dir or None
+  )
   train_x, train_y = arrays.train_images, arrays.train_labels
   eval_x, eval_y = arrays.eval_images, arrays.eval_labels
   held_out = config.get("validation_examples", 0)
   if held_out > 0:
     if held_out >= len(train_x):
-      raise ConfigError(f"validation_examples {held_out:,} leaves none of the {len(train_x):,} training "
-                        f"images of {config.dataset} to train on; lower --config.validation_examples.")
+      raise ConfigError(
+        f"validation_examples {held_out:,} leaves none of the {len(train_x):,} training "
+        f"images of {config.dataset} to train on; lower --config.validation_examples."
+      )
     train_x, train_y = train_x[:-held_out], train_y[:-held_out]
     if not test_set:
       eval_x, eval_y = arrays.train_images[-held_out:], arrays.train_labels[-held_out:]
   if config.train_examples > 0:
-    train_x, train_y = train_x[:config.train_examples], train_y[:config.train_examples]
+    train_x, train_y = train_x[: config.train_examples], train_y[: config.train_examples]
   if config.eval_examples > 0:
-    eval_x, eval_y = eval_x[:config.eval_examples], eval_y[:config.eval_examples]
+    eval_x, eval_y = eval_x[: config.eval_examples], eval_y[: config.eval_examples]
   train_x, eval_x = preprocess(train_x, eval_x, config.preprocess)
   return train_x, train_y, eval_x, eval_y
 
@@ -225,32 +257,49 @@ def in_memory_arrays(config, *, test_set: bool = False) -> tuple[np.ndarray, np.
 def _in_memory_data(config, process_index: int, process_count: int) -> Data:
   train_x, train_y, eval_x, eval_y = in_memory_arrays(config)
   if config.batch_size > len(train_x):
-    raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_x):,} training examples of "
-                      f"{config.dataset}; lower --config.batch_size"
-                      + (" or raise --config.train_examples." if config.train_examples > 0 else "."))
-  train = InMemoryTrain(train_x, train_y, global_batch=config.batch_size, seed=config.seed,
-                        augment_method=config.augment, process_index=process_index,
-                        process_count=process_count)
+    raise ConfigError(
+      f"batch_size {config.batch_size} exceeds the {len(train_x):,} training examples of "
+      f"{config.dataset}; lower --config.batch_size"
+      + (" or raise --config.train_examples." if config.train_examples > 0 else ".")
+    )
+  train = InMemoryTrain(
+    train_x,
+    train_y,
+    global_batch=config.batch_size,
+    seed=config.seed,
+    augment_method=config.augment,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return _array_data(config, train, eval_x, eval_y, len(train_x), process_index, process_count)
 
 
-def _synthetic_data(config, image_shape: tuple[int, int, int], num_classes: int, process_index: int,
-                    process_count: int) -> Data:
-  train = SyntheticTrain(image_shape=image_shape, num_classes=num_classes, global_batch=config.batch_size,
-                         seed=config.seed, process_index=process_index, process_count=process_count)
-  eval_x, eval_y = synthetic_eval(image_shape=image_shape, num_classes=num_classes,
-                                  num_examples=config.eval_examples or 1000, seed=config.seed)
+def _synthetic_data(
+  config, image_shape: tuple[int, int, int], num_classes: int, process_index: int, process_count: int
+) -> Data:
+  train = SyntheticTrain(
+    image_shape=image_shape,
+    num_classes=num_classes,
+    global_batch=config.batch_size,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  eval_x, eval_y = synthetic_eval(
+    image_shape=image_shape, num_classes=num_classes, num_examples=config.eval_examples or 1000, seed=config.seed
+  )
   num_train = config.train_examples or config.batch_size * train.steps_per_epoch
   return _array_data(config, train, eval_x, eval_y, num_train, process_index, process_count)
 
 
-def make_data(config, *, image_size: int, in_channels: int, num_classes: int, process_index: int,
-              process_count: int) -> Data:
+def make_data(
+  config, *, image_size: int, in_channels: int, num_classes: int, process_index: int, process_count: int
+) -> Data:
   """This host's share of the config's data set, at the model's input size."""
   if config.dataset == "synthetic":
-    return _synthetic_data(config, (image_size, image_size, in_channels), num_classes,
-                           process_index, process_count)
+    return _synthetic_data(config, (image_size, image_size, in_channels), num_classes, process_index, process_count)
   if datasets.get_info(config.dataset).in_memory:
     return _in_memory_data(config, process_index, process_count)
   from nin_jax import imagenet  # tf.data streaming; imported only when used.
+
   return imagenet.make_data(config, image_size, process_index, process_count)

@@ -12,14 +12,17 @@ import dataclasses
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from nin_jax import batches, configs, durations, input_pipeline, lineage, models, workdir as workdir_lib
+from nin_jax import batches, configs, durations, input_pipeline, lineage, models
+from nin_jax import workdir as workdir_lib
 
 
 @dataclasses.dataclass
 class Job:
   """Everything a run is made of, derived from the config before the first step."""
+
   config: ml_collections.ConfigDict
   workdir: workdir_lib.epath.Path
   devices: list
@@ -50,12 +53,26 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
   path = workdir_lib.resolve(workdir)  # Prepared (created, probed) by the caller, before locking it.
   config_changes = lineage.changes(path, config)  # Refuses another run's workdir, writing nothing.
   model = models.from_config(config)
-  data = input_pipeline.make_data(config, image_size=model.image_size, in_channels=model.spec.in_channels,
-                                  num_classes=model.spec.num_classes, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+  data = input_pipeline.make_data(
+    config,
+    image_size=model.image_size,
+    in_channels=model.spec.in_channels,
+    num_classes=model.spec.num_classes,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   steps_per_epoch = max(data.num_train_examples // config.batch_size, 1)
   num_steps = durations.steps(config, "train", steps_per_epoch)
   eval_every = {0: steps_per_epoch}.get(config.eval_every_steps, config.eval_every_steps)
-  return Job(config, path, devices, model, data, num_steps, steps_per_epoch,
-             eval_every=eval_every if eval_every > 0 else num_steps,  # < 0: only at the end.
-             mesh=Mesh(np.array(devices), ("data",)), config_changes=config_changes)
+  return Job(
+    config,
+    path,
+    devices,
+    model,
+    data,
+    num_steps,
+    steps_per_epoch,
+    eval_every=eval_every if eval_every > 0 else num_steps,  # < 0: only at the end.
+    mesh=Mesh(np.array(devices), ("data",)),
+    config_changes=config_changes,
+  )

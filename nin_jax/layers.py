@@ -28,8 +28,7 @@ def caffe_pool_output_size(size: int, window: int, stride: int, padding: int = 0
   """Caffe's pooled size: ceil((size + 2p - k) / s) + 1, last window starting in the image."""
   if size + 2 * padding < window:
     raise ValueError(
-        f"A {window}x{window} pool does not fit a {size}x{size} map (padding {padding}); "
-        "use a larger image size."
+      f"A {window}x{window} pool does not fit a {size}x{size} map (padding {padding}); use a larger image size."
     )
   out = math.ceil((size + 2 * padding - window) / stride) + 1
   if padding > 0 and (out - 1) * stride >= size + padding:
@@ -53,8 +52,9 @@ def _reduce_1d(x: jax.Array, op, axis: int, window: int, stride: int, out: int) 
   return functools.reduce(op, (view(i) for i in range(window)))
 
 
-def _valid_counts(size_h: int, size_w: int, window: int, stride: int, padding: int,
-                  out_h: int, out_w: int) -> np.ndarray:
+def _valid_counts(
+  size_h: int, size_w: int, window: int, stride: int, padding: int, out_h: int, out_w: int
+) -> np.ndarray:
   """How many in-image positions each pooling window covers (a trace-time constant)."""
 
   def counts_1d(size: int, out: int) -> np.ndarray:
@@ -85,8 +85,13 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   if kind not in POOL_KINDS:
     raise ValueError(f"Unknown pooling kind {kind!r}; choose 'max' or 'avg'.")
   if kind == "max" and onednn.max_pool_used_for(window, x.dtype):
-    return onednn.max_pool(x, window, stride, pad[1:3],  # Faster on CPU: see nin_jax/onednn.py.
-                           float32_kernels=dtype_probe.float32_kernels_for(x.dtype))
+    return onednn.max_pool(
+      x,
+      window,
+      stride,
+      pad[1:3],  # Faster on CPU: see nin_jax/onednn.py.
+      float32_kernels=dtype_probe.float32_kernels_for(x.dtype),
+    )
   if kind == "max":
     fill = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     op, padded = jnp.maximum, jnp.pad(x, pad, constant_values=fill)
@@ -108,16 +113,16 @@ class MLPConv(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      features: Sequence[int],
-      *,
-      kernel_size: int,
-      stride: int = 1,
-      padding: int = 0,
-      kernel_inits: Sequence[Initializer] | None = None,
-      dtype: jnp.dtype = jnp.float32,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    features: Sequence[int],
+    *,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    kernel_inits: Sequence[Initializer] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
   ):
     if len(features) < 1:
       raise ValueError("An mlpconv block needs at least the convolution's width in `features`.")
@@ -125,14 +130,22 @@ class MLPConv(nnx.Module):
     if len(inits) != len(features):
       raise ValueError(f"Got {len(inits)} initialisers for {len(features)} layers; give one per layer.")
     self.conv = nnx.Conv(
-        in_features, features[0], kernel_size=(kernel_size, kernel_size), strides=stride,
-        padding=((padding, padding), (padding, padding)), kernel_init=inits[0],
-        bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
-    self.mlp = nnx.List([
-        nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=nnx.initializers.zeros_init(),
-                   dtype=dtype, rngs=rngs)
+      in_features,
+      features[0],
+      kernel_size=(kernel_size, kernel_size),
+      strides=stride,
+      padding=((padding, padding), (padding, padding)),
+      kernel_init=inits[0],
+      bias_init=nnx.initializers.zeros_init(),
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.mlp = nnx.List(
+      [
+        nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
         for fan_in, fan_out, init in zip(features[:-1], features[1:], inits[1:])
-    ])
+      ]
+    )
 
   def layers(self) -> list[nnx.Module]:
     """The block's layers in order: the kxk convolution, then each 1x1 layer."""
@@ -150,16 +163,21 @@ class MLPConv(nnx.Module):
     for layer in self.layers():
       if fused:
         kernel, bias, strides, padding = _as_convolution(layer)
-        x = onednn.conv_relu(x, kernel.astype(compute), bias.astype(compute), strides, padding,
-                             float32_kernels=dtype_probe.float32_kernels_for(compute))
+        x = onednn.conv_relu(
+          x,
+          kernel.astype(compute),
+          bias.astype(compute),
+          strides,
+          padding,
+          float32_kernels=dtype_probe.float32_kernels_for(compute),
+        )
       else:
         x = nnx.relu(layer(x))
       yield layer, x
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for _, x in self.outputs(x):
-      pass
-    return x
+    *_, (_, y) = self.outputs(x)  # The block's output is its last layer's.
+    return y
 
   def _fusable(self) -> bool:
     """Float32 parameters with biases, explicit padding: what the oneDNN layer computes."""

@@ -21,16 +21,28 @@ import json
 
 from etils import epath
 
-from nin_jax import configs, workdir as workdir_lib
+from nin_jax import configs
+from nin_jax import workdir as workdir_lib
 from nin_jax.errors import ConfigError
 
 HISTORY_FILE = "config_history.jsonl"
-SAFE_TO_CHANGE = frozenset({
-    "num_train_steps", "num_epochs",  # Longer or shorter; a cosine schedule re-stretches (said).
-    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_batch_size", "eval_examples", "stuck_loss_steps",  # What is reported, not what is trained.
-    "data_dir", "manual_dir", "download", "idx_dir",  # Where the same data comes from.
-})
+SAFE_TO_CHANGE = frozenset(
+  {
+    "num_train_steps",
+    "num_epochs",  # Longer or shorter; a cosine schedule re-stretches (said).
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_examples",
+    "stuck_loss_steps",  # What is reported, not what is trained.
+    "data_dir",
+    "manual_dir",
+    "download",
+    "idx_dir",  # Where the same data comes from.
+  }
+)
 _NOT_RECORDED = frozenset({"allow_changes", "restore_step"})  # Instructions for one rerun.
 
 
@@ -73,19 +85,22 @@ def changes(path: epath.Path, config) -> dict[str, dict] | None:
   new = _json_value(config.to_dict())
   # A key added to the code after the workdir was made ran at its default there.
   previous = {**_json_value(configs.default_config().to_dict()), **previous}
-  diffs = {k: {"from": previous.get(k), "to": new.get(k)} for k in sorted(set(previous) | set(new))
-           if previous.get(k) != new.get(k) and k not in _NOT_RECORDED}
+  diffs = {
+    k: {"from": previous.get(k), "to": new.get(k)}
+    for k in sorted(set(previous) | set(new))
+    if previous.get(k) != new.get(k) and k not in _NOT_RECORDED
+  }
   refused = [k for k in diffs if k not in SAFE_TO_CHANGE and k not in configs.allowed_changes(config)]
   if refused:
     listed = "; ".join(f"{k} was {diffs[k]['from']!r}, now {diffs[k]['to']!r}" for k in refused)
     raise ConfigError(
-        f"{path} holds a run with other settings ({listed}); resuming would mix two runs. Use a new "
-        f"--workdir, or branch this run on purpose with --config.allow_changes={','.join(refused)}.")
+      f"{path} holds a run with other settings ({listed}); resuming would mix two runs. Use a new "
+      f"--workdir, or branch this run on purpose with --config.allow_changes={','.join(refused)}."
+    )
   return diffs
 
 
-def record(path: epath.Path, config, diffs: dict | None, from_step: int, say=print,
-           branched: bool = False) -> None:
+def record(path: epath.Path, config, diffs: dict | None, from_step: int, say=print, branched: bool = False) -> None:
   """Writes config.json for a new workdir, or appends this segment's changes to the history
   (`branched`: it resumed an earlier checkpoint than the latest, on purpose)."""
   if diffs is None:
@@ -100,5 +115,7 @@ def record(path: epath.Path, config, diffs: dict | None, from_step: int, say=pri
   for key, change in diffs.items():
     say(f"changed from step {from_step}: {key} {change['from']!r} -> {change['to']!r}")
   if config.schedule == "cosine" and {"num_train_steps", "num_epochs"} & set(diffs):
-    say("note: the cosine learning-rate schedule now stretches over the new length, so from step "
-        f"{from_step} on the learning rate differs from the one the earlier segment followed.")
+    say(
+      "note: the cosine learning-rate schedule now stretches over the new length, so from step "
+      f"{from_step} on the learning rate differs from the one the earlier segment followed."
+    )

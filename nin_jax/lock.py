@@ -64,13 +64,15 @@ class _GcsObject:
 
   def __init__(self, url: str):
     from google.cloud import storage  # pylint: disable=g-import-not-at-top  # Only for gs:// workdirs.
-    bucket, _, name = url[len("gs://"):].partition("/")
+
+    bucket, _, name = url[len("gs://") :].partition("/")
     self._blob = storage.Client().bucket(bucket).blob(name)
     self.generation: int | None = None
 
   def read(self) -> tuple[dict | None, int | None]:
     """(holder, generation), or (None, None) when there is no lock."""
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
     while True:  # Until a generation is read whole; each retry means another run just wrote it.
       try:
         self._blob.reload()
@@ -87,6 +89,7 @@ class _GcsObject:
   def write(self, text: str, if_generation_match: int) -> bool:
     """Writes `text` if the object is at that generation (0: absent); False if it is not."""
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
     try:
       self._blob.upload_from_string(text, content_type="application/json", if_generation_match=if_generation_match)
     except exceptions.PreconditionFailed:
@@ -96,6 +99,7 @@ class _GcsObject:
 
   def delete(self, if_generation_match: int) -> bool:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
     try:
       self._blob.delete(if_generation_match=if_generation_match)
     except (exceptions.PreconditionFailed, exceptions.NotFound):
@@ -110,13 +114,13 @@ class WorkdirLock:
 
   def __init__(self, workdir: epath.Path, say=print):
     self.path, self._say = workdir / LOCK_FILE, say
-    self._record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                    "since": time.time()}
+    self._record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "since": time.time()}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     if workdir_lib.is_url(self.path) and not str(self.path).startswith("gs://"):
-      raise UserError(f"{workdir} is a URL other than gs://, where this lock cannot be made exact; "
-                      "use a gs:// or a local --workdir.")
+      raise UserError(
+        f"{workdir} is a URL other than gs://, where this lock cannot be made exact; use a gs:// or a local --workdir."
+      )
     self._object = _GcsObject(str(self.path)) if workdir_lib.is_url(self.path) else None
     self.lost = False
 
@@ -134,18 +138,24 @@ class WorkdirLock:
       age = time.time() - float(holder.get("heartbeat", 0))
       if _alive_here(holder) and age < STALE_SECONDS:
         raise WorkdirInUse(
-            f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}, alive "
-            f"{age:.0f} s ago); wait for it to finish or stop it, or use another --workdir.")
-      self._say(f"warning: taking over the stale lock of process {holder['pid']} on {holder.get('host')} (last "
-                f"alive {age:.0f} s ago)." if "pid" in holder else f"warning: replacing the unreadable {self.path}.")
+          f"{self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))}, alive "
+          f"{age:.0f} s ago); wait for it to finish or stop it, or use another --workdir."
+        )
+      self._say(
+        f"warning: taking over the stale lock of process {holder['pid']} on {holder.get('host')} (last "
+        f"alive {age:.0f} s ago)."
+        if "pid" in holder
+        else f"warning: replacing the unreadable {self.path}."
+      )
       if self._object is not None:
         self._object.delete(if_generation_match=generation)  # Only the stale lock, never a newer one.
       else:
         self.path.unlink(missing_ok=True)
     if not self._take():
-      raise WorkdirInUse(f"{self.path.parent} was taken by another run that started at the same time; "
-                         "use another --workdir.")
+      raise WorkdirInUse(
+        f"{self.path.parent} was taken by another run that started at the same time; use another --workdir."
+      )
     self._thread = threading.Thread(target=self._heartbeat, name="workdir-lock", daemon=True)
     self._thread.start()
     return self
@@ -175,8 +185,10 @@ class WorkdirLock:
       try:
         if not self._refresh():
           self.lost = True
-          self._say(f"error: another run took over {self.path.parent} (this run's heartbeat stopped for more "
-                    f"than {STALE_SECONDS:.0f} s); this run stops and saves nothing more.")
+          self._say(
+            f"error: another run took over {self.path.parent} (this run's heartbeat stopped for more "
+            f"than {STALE_SECONDS:.0f} s); this run stops and saves nothing more."
+          )
           return
       except Exception as e:  # pylint: disable=broad-except  # A failing store fails the run's own writes too.
         self._say(f"warning: could not refresh {self.path} ({e}).")

@@ -16,14 +16,20 @@ _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/*.py config file.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory or URL (e.g. gs://bucket/run) for checkpoints, metrics and logs.")
+  "workdir", None, "Directory or URL (e.g. gs://bucket/run) for checkpoints, metrics and logs."
+)
 _FAST_CPU_FUSIONS = flags.DEFINE_bool(
-    "fast_cpu_fusions", True,
-    f"On CPU, let XLA run dots and reductions through YNNPACK ({_YNN_FLAG}): ~1.25x faster "
-    "NIN training here, float32 results within ~1e-5 (relative) of the plain path. Ignored on GPU/TPU.")
+  "fast_cpu_fusions",
+  True,
+  f"On CPU, let XLA run dots and reductions through YNNPACK ({_YNN_FLAG}): ~1.25x faster "
+  "NIN training here, float32 results within ~1e-5 (relative) of the plain path. Ignored on GPU/TPU.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI <= 4; Open MPI 5 "
-    "needs --coordinator_address).")
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() (auto-detects TPU pods, Slurm, Open MPI <= 4; Open MPI 5 "
+  "needs --coordinator_address).",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for manual multi-host.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for manual multi-host.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for manual multi-host.")
@@ -52,8 +58,10 @@ def _process_group(env) -> tuple[str | None, int | None, int | None]:
   count, rank = _NUM_PROCESSES.value, _PROCESS_ID.value
   if "OMPI_COMM_WORLD_SIZE" in env and "OMPI_MCA_orte_hnp_uri" not in env:
     if not _COORDINATOR.value:
-      _fail("Open MPI 5 gives JAX no coordinator address: add --coordinator_address=HOST:PORT "
-            "(the first process's host and a free port).")
+      _fail(
+        "Open MPI 5 gives JAX no coordinator address: add --coordinator_address=HOST:PORT "
+        "(the first process's host and a free port)."
+      )
     count = count if count is not None else int(env["OMPI_COMM_WORLD_SIZE"])
     rank = rank if rank is not None else int(env["OMPI_COMM_WORLD_RANK"])
   return _COORDINATOR.value, count, rank
@@ -76,6 +84,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
 
   import jax  # pylint: disable=g-import-not-at-top
+
   from nin_jax import errors, train  # pylint: disable=g-import-not-at-top
 
   if _COORDINATOR.value or _DISTRIBUTED.value:

@@ -31,6 +31,7 @@ LAST_LAYER_STD = 0.01  # `he` init: std of the per-class 1x1 layer (Caffe's cccp
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
   """One mlpconv block: kxk conv to features[0], then 1x1 layers to features[1:]."""
+
   kernel_size: int
   features: tuple[int, ...]
   stride: int = 1
@@ -60,35 +61,42 @@ def _small_image_model(name, widths, kernels, image_size, in_channels, num_class
   blocks = []
   for i, (w, k) in enumerate(zip(widths, kernels)):
     last = i == len(widths) - 1
-    blocks.append(_block(k, w if not last else (*w, num_classes), padding=k // 2,
-                         pool=None if last else "max", dropout=0.0 if last else 0.5))
+    blocks.append(
+      _block(
+        k,
+        w if not last else (*w, num_classes),
+        padding=k // 2,
+        pool=None if last else "max",
+        dropout=0.0 if last else 0.5,
+      )
+    )
   return ModelSpec(name, tuple(blocks), image_size, in_channels, num_classes, description)
 
 
 def _imagenet() -> ModelSpec:
   blocks = (
-      _block(11, (96, 96, 96), stride=4, stds=(0.01, 0.05, 0.05), pool="max"),
-      _block(5, (256, 256, 256), padding=2, stds=(0.05, 0.05, 0.05), pool="max"),
-      _block(3, (384, 384, 384), padding=1, stds=(0.01, 0.05, 0.05), pool="max", dropout=0.5),
-      _block(3, (1024, 1024, 1000), padding=1, stds=(0.05, 0.05, 0.01)),
+    _block(11, (96, 96, 96), stride=4, stds=(0.01, 0.05, 0.05), pool="max"),
+    _block(5, (256, 256, 256), padding=2, stds=(0.05, 0.05, 0.05), pool="max"),
+    _block(3, (384, 384, 384), padding=1, stds=(0.01, 0.05, 0.05), pool="max", dropout=0.5),
+    _block(3, (1024, 1024, 1000), padding=1, stds=(0.05, 0.05, 0.01)),
   )
   return ModelSpec("nin_imagenet", blocks, 224, 3, 1000, "Caffe model zoo, 4 mlpconv blocks")
 
 
 VARIANTS: dict[str, ModelSpec] = {
-    "nin_imagenet": _imagenet(),
-    "nin_cifar10": _small_image_model(
-        "nin_cifar10", [(192, 160, 96), (192, 192, 192), (192, 192)], (5, 5, 3), 32, 3, 10,
-        "paper, CIFAR-10"),
-    "nin_cifar100": _small_image_model(
-        "nin_cifar100", [(192, 160, 96), (192, 192, 192), (192, 192)], (5, 5, 3), 32, 3, 100,
-        "paper, CIFAR-100"),
-    "nin_svhn": _small_image_model(
-        "nin_svhn", [(128, 96, 64), (320, 256, 128), (384, 256)], (5, 5, 5), 32, 3, 10,
-        "paper, SVHN"),
-    "nin_mnist": _small_image_model(
-        "nin_mnist", [(96, 64, 48), (128, 96, 48), (128, 96)], (5, 5, 5), 28, 1, 10,
-        "paper, MNIST"),
+  "nin_imagenet": _imagenet(),
+  "nin_cifar10": _small_image_model(
+    "nin_cifar10", [(192, 160, 96), (192, 192, 192), (192, 192)], (5, 5, 3), 32, 3, 10, "paper, CIFAR-10"
+  ),
+  "nin_cifar100": _small_image_model(
+    "nin_cifar100", [(192, 160, 96), (192, 192, 192), (192, 192)], (5, 5, 3), 32, 3, 100, "paper, CIFAR-100"
+  ),
+  "nin_svhn": _small_image_model(
+    "nin_svhn", [(128, 96, 64), (320, 256, 128), (384, 256)], (5, 5, 5), 32, 3, 10, "paper, SVHN"
+  ),
+  "nin_mnist": _small_image_model(
+    "nin_mnist", [(96, 64, 48), (128, 96, 48), (128, 96)], (5, 5, 5), 28, 1, 10, "paper, MNIST"
+  ),
 }
 
 
@@ -96,8 +104,14 @@ def _choice_error(what: str, value, choices) -> ValueError:
   return ValueError(f"Unknown {what} {value!r}; choose one of: {', '.join(choices)}.")
 
 
-def get_spec(name: str, *, num_classes: int | None = None, pool2: layers.PoolKind | None = None,
-             in_channels: int | None = None, dropout: float | None = None) -> ModelSpec:
+def get_spec(
+  name: str,
+  *,
+  num_classes: int | None = None,
+  pool2: layers.PoolKind | None = None,
+  in_channels: int | None = None,
+  dropout: float | None = None,
+) -> ModelSpec:
   """A variant's spec, with the class count, input channels, pool2 kind or dropout changed.
 
   `pool2="avg"` gives the Caffe CIFAR-10 port, which averages in its second pool.
@@ -121,8 +135,8 @@ def get_spec(name: str, *, num_classes: int | None = None, pool2: layers.PoolKin
       raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
     blocks = [dataclasses.replace(b, dropout=dropout if b.dropout > 0 else 0.0) for b in blocks]
   return dataclasses.replace(
-      spec, blocks=tuple(blocks), num_classes=blocks[-1].features[-1],
-      in_channels=in_channels or spec.in_channels)
+    spec, blocks=tuple(blocks), num_classes=blocks[-1].features[-1], in_channels=in_channels or spec.in_channels
+  )
 
 
 def feature_map_size(spec: ModelSpec, image_size: int) -> int:
@@ -131,8 +145,9 @@ def feature_map_size(spec: ModelSpec, image_size: int) -> int:
   for block in spec.blocks:
     size = layers.conv_output_size(size, block.kernel_size, block.stride, block.padding)
     if size < 1:
-      raise ValueError(f"Image size {image_size} is too small for {spec.name}; "
-                       f"use at least its native {spec.image_size}.")
+      raise ValueError(
+        f"Image size {image_size} is too small for {spec.name}; use at least its native {spec.image_size}."
+      )
     if block.pool:
       size = layers.caffe_pool_output_size(size, 3, 2)
   return size
@@ -169,8 +184,16 @@ class NIN(nnx.Module):
   a head ablation changes nothing but the head, as in the paper's Table 5.
   """
 
-  def __init__(self, spec: ModelSpec, *, head: Head = "gap", init: str = "he",
-               dtype=jnp.float32, image_size: int | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    spec: ModelSpec,
+    *,
+    head: Head = "gap",
+    init: str = "he",
+    dtype=jnp.float32,
+    image_size: int | None = None,
+    rngs: nnx.Rngs,
+  ):
     if head not in HEADS:
       raise _choice_error("head", head, HEADS)
     if init not in INITS:
@@ -189,21 +212,32 @@ class NIN(nnx.Module):
           # The per-class layer starts small so the initial logits are near 0 (loss
           # ln(C)) rather than large; large first gradients are what kill its ReLU.
           inits[-1] = nnx.initializers.normal(LAST_LAYER_STD)
-      blocks.append(layers.MLPConv(
-          in_features, block.features, kernel_size=block.kernel_size, stride=block.stride,
-          padding=block.padding, kernel_inits=inits, dtype=self.dtype, rngs=rngs))
+      blocks.append(
+        layers.MLPConv(
+          in_features,
+          block.features,
+          kernel_size=block.kernel_size,
+          stride=block.stride,
+          padding=block.padding,
+          kernel_inits=inits,
+          dtype=self.dtype,
+          rngs=rngs,
+        )
+      )
       in_features = block.features[-1]
     self.blocks = nnx.List(blocks)
     classifier = None
     if head != "gap":
       side = feature_map_size(spec, self.image_size)
       kernel_init = nnx.initializers.normal(0.01) if init == "caffe" else nnx.initializers.lecun_normal()
-      classifier = nnx.Linear(side * side * in_features, spec.num_classes,
-                              kernel_init=kernel_init, dtype=self.dtype, rngs=rngs)
+      classifier = nnx.Linear(
+        side * side * in_features, spec.num_classes, kernel_init=kernel_init, dtype=self.dtype, rngs=rngs
+      )
     self.classifier = nnx.data(classifier)
 
-  def __call__(self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None,
-               hook: LayerHook | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, *, train: bool = False, dropout_key: jax.Array | None = None, hook: LayerHook | None = None
+  ) -> jax.Array:
     """Float32 logits for an NHWC batch.
 
     Dropout is active only when `train` is true; it then needs `dropout_key`
@@ -227,8 +261,9 @@ class NIN(nnx.Module):
     x = x.astype(self.dtype)
     names = layer_names(self.spec)
     for b, (block_spec, block) in enumerate(zip(self.spec.blocks, self.blocks)):
-      for name, (layer, x) in zip(names[b], block.outputs(x)):
-        hook(name, x, layer)
+      for name, (layer, y) in zip(names[b], block.outputs(x)):
+        hook(name, y, layer)
+      x = y
       if block_spec.pool:
         x = layers.pool2d(x, block_spec.pool, window=3, stride=2)
         hook(f"pool{b + 1} ({block_spec.pool} 3x3/2)", x, None)
@@ -244,28 +279,48 @@ class NIN(nnx.Module):
     return logits
 
 
-def create_model(name: str, *, num_classes: int | None = None, head: Head = "gap",
-                 init: str = "he", dtype="float32", image_size: int | None = None,
-                 in_channels: int | None = None, pool2: layers.PoolKind | None = None,
-                 dropout: float | None = None, rngs: nnx.Rngs | None = None) -> NIN:
+def create_model(
+  name: str,
+  *,
+  num_classes: int | None = None,
+  head: Head = "gap",
+  init: str = "he",
+  dtype="float32",
+  image_size: int | None = None,
+  in_channels: int | None = None,
+  pool2: layers.PoolKind | None = None,
+  dropout: float | None = None,
+  rngs: nnx.Rngs | None = None,
+) -> NIN:
   """Builds a named NIN variant (see `VARIANTS`) with the requested head and initialiser."""
   spec = get_spec(name, num_classes=num_classes, pool2=pool2, in_channels=in_channels, dropout=dropout)
-  return NIN(spec, head=head, init=init, dtype=dtype, image_size=image_size,
-             rngs=rngs if rngs is not None else nnx.Rngs(0))
+  return NIN(
+    spec, head=head, init=init, dtype=dtype, image_size=image_size, rngs=rngs if rngs is not None else nnx.Rngs(0)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model a training config asks for, resolved against its data set."""
+
   spec: ModelSpec
   image_size: int
   config: ml_collections.ConfigDict
 
   def build(self, rngs: nnx.Rngs) -> NIN:
     c = self.config
-    return create_model(c.model, num_classes=self.spec.num_classes, head=c.head, init=c.init,
-                        dtype=c.dtype, image_size=self.image_size, in_channels=self.spec.in_channels,
-                        pool2=c.pool2 or None, dropout=_config_dropout(c), rngs=rngs)
+    return create_model(
+      c.model,
+      num_classes=self.spec.num_classes,
+      head=c.head,
+      init=c.init,
+      dtype=c.dtype,
+      image_size=self.image_size,
+      in_channels=self.spec.in_channels,
+      pool2=c.pool2 or None,
+      dropout=_config_dropout(c),
+      rngs=rngs,
+    )
 
 
 def _config_dropout(config) -> float | None:
@@ -277,9 +332,13 @@ def from_config(config: ml_collections.ConfigDict) -> ModelConfig:
   info = datasets.get_info(config.dataset)
   synthetic = config.dataset == "synthetic"
   try:
-    spec = get_spec(config.model, num_classes=None if synthetic else info.num_classes,
-                    in_channels=None if synthetic else info.channels, pool2=config.pool2 or None,
-                    dropout=_config_dropout(config))
+    spec = get_spec(
+      config.model,
+      num_classes=None if synthetic else info.num_classes,
+      in_channels=None if synthetic else info.channels,
+      pool2=config.pool2 or None,
+      dropout=_config_dropout(config),
+    )
     image_size = config.image_size or (spec.image_size if synthetic else info.image_size)
     feature_map_size(spec, image_size)
   except ValueError as e:
@@ -345,26 +404,25 @@ def format_table(rows: list[LayerRow]) -> str:
 
 def models_markdown() -> str:
   """The README's *Models* table, generated from the code so that it cannot drift."""
-  lines = ["| model | input | classes | parameters | multiply-adds / image | source |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| model | input | classes | parameters | multiply-adds / image | source |", "|---|---|---|---|---|---|"]
   for name, spec in VARIANTS.items():
     rows = summarize(abstract_model(name))
     params = sum(r.params for r in rows)
     gmacs = sum(r.mult_adds for r in rows) / 1e9
-    lines.append(f"| `{name}` | {spec.image_size}x{spec.image_size}x{spec.in_channels} | "
-                 f"{spec.num_classes} | {params:,} | {gmacs:.4f} G | {spec.description} |")
+    lines.append(
+      f"| `{name}` | {spec.image_size}x{spec.image_size}x{spec.in_channels} | "
+      f"{spec.num_classes} | {params:,} | {gmacs:.4f} G | {spec.description} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m nin_jax.models", description="Print a NIN variant's layer table.")
+  parser = argparse.ArgumentParser(prog="python -m nin_jax.models", description="Print a NIN variant's layer table.")
   parser.add_argument("name", nargs="?", help=f"one of: {', '.join(VARIANTS)}")
   parser.add_argument("--image-size", type=int, default=None, help="square input side")
   parser.add_argument("--head", default="gap", help=f"one of: {', '.join(HEADS)}")
   parser.add_argument("--num-classes", type=int, default=None)
-  parser.add_argument("--markdown", action="store_true",
-                      help="print the README's table of all variants instead")
+  parser.add_argument("--markdown", action="store_true", help="print the README's table of all variants instead")
   args = parser.parse_args(argv)
   if args.markdown:
     print(models_markdown())
@@ -372,10 +430,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.name is None:
     parser.error(f"give a model name: {', '.join(VARIANTS)}")
   try:
-    model = abstract_model(args.name, head=args.head, num_classes=args.num_classes,
-                           image_size=args.image_size)
-    print(f"{args.name}, head {args.head}, input {model.image_size}x{model.image_size}"
-          f"x{model.spec.in_channels}")
+    model = abstract_model(args.name, head=args.head, num_classes=args.num_classes, image_size=args.image_size)
+    print(f"{args.name}, head {args.head}, input {model.image_size}x{model.image_size}x{model.spec.in_channels}")
     print(format_table(summarize(model)))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -51,9 +51,13 @@ _BACKWARD_DATA = "nin_conv_backward_data"
 _BACKWARD_WEIGHTS = "nin_conv_backward_weights"
 _MAX_POOL = "nin_max_pool_forward"
 _MAX_POOL_BACKWARD = "nin_max_pool_backward"
-_HANDLERS = {_FORWARD: "NinConvReluForward", _BACKWARD_DATA: "NinConvBackwardData",
-             _BACKWARD_WEIGHTS: "NinConvBackwardWeights", _MAX_POOL: "NinMaxPoolForward",
-             _MAX_POOL_BACKWARD: "NinMaxPoolBackward"}
+_HANDLERS = {
+  _FORWARD: "NinConvReluForward",
+  _BACKWARD_DATA: "NinConvBackwardData",
+  _BACKWARD_WEIGHTS: "NinConvBackwardWeights",
+  _MAX_POOL: "NinMaxPoolForward",
+  _MAX_POOL_BACKWARD: "NinMaxPoolBackward",
+}
 _lock = threading.Lock()
 
 
@@ -140,8 +144,14 @@ def _warn_once(reason: str) -> None:
 
 def _geometry(strides: tuple[int, int], padding) -> dict[str, np.int64]:
   (pad_top, pad_bottom), (pad_left, pad_right) = padding
-  values = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pad_top, pad_bottom=pad_bottom,
-                pad_left=pad_left, pad_right=pad_right)
+  values = dict(
+    stride_h=strides[0],
+    stride_w=strides[1],
+    pad_top=pad_top,
+    pad_bottom=pad_bottom,
+    pad_left=pad_left,
+    pad_right=pad_right,
+  )
   return {name: np.int64(value) for name, value in values.items()}
 
 
@@ -159,8 +169,15 @@ def _ffi(target: str, *results: jax.ShapeDtypeStruct):
   return jax.ffi.ffi_call(target, results if len(results) > 1 else results[0], vmap_method="sequential")
 
 
-def conv_relu(x: jax.Array, w: jax.Array, b: jax.Array, strides: tuple[int, int],
-              padding: tuple[tuple[int, int], tuple[int, int]], *, float32_kernels: bool = False) -> jax.Array:
+def conv_relu(
+  x: jax.Array,
+  w: jax.Array,
+  b: jax.Array,
+  strides: tuple[int, int],
+  padding: tuple[tuple[int, int], tuple[int, int]],
+  *,
+  float32_kernels: bool = False,
+) -> jax.Array:
   """relu(conv(x, w) + b) for NHWC images and an HWIO kernel, in one oneDNN call; x, w and b
   share one dtype, float32 or bfloat16 (accumulated in float32 either way). `float32_kernels`:
   bfloat16 operands run on the float32 kernels (where `dtype_probe` measured the native ones slower)."""
@@ -181,13 +198,16 @@ def native_conv_relu(x, w, b, strides, padding):
 def _check_layer(x, w, b, strides, padding) -> None:
   """The shapes one layer needs, as a Python error (the handler checks them again)."""
   if x.ndim != 4 or w.ndim != 4 or b.shape != w.shape[-1:] or x.shape[-1] != w.shape[2]:
-    raise ValueError(f"conv_relu needs NHWC images, an HWIO kernel whose input channels are the images' "
-                     f"and a bias per output channel; got images {x.shape}, kernel {w.shape}, bias {b.shape}")
+    raise ValueError(
+      f"conv_relu needs NHWC images, an HWIO kernel whose input channels are the images' "
+      f"and a bias per output channel; got images {x.shape}, kernel {w.shape}, bias {b.shape}"
+    )
   if min(strides) < 1 or min(p for pair in padding for p in pair) < 0:
     raise ValueError(f"conv_relu needs strides >= 1 and padding >= 0; got {strides} and {padding}")
   if not x.dtype == w.dtype == b.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"conv_relu needs images, kernel and bias all float32 or all bfloat16; got "
-                     f"{x.dtype}, {w.dtype} and {b.dtype}")
+    raise ValueError(
+      f"conv_relu needs images, kernel and bias all float32 or all bfloat16; got {x.dtype}, {w.dtype} and {b.dtype}"
+    )
 
 
 def _conv_relu_forward(x, w, b, strides, padding):
@@ -202,16 +222,23 @@ def _conv_relu_backward(strides, padding, residuals, dy):
   # The first layer's input gradient is unused: XLA removes that call as dead code.
   dx = _ffi(_BACKWARD_DATA, jax.ShapeDtypeStruct(x.shape, x.dtype))(dz, w, **geometry)
   # The bias shares the kernel's dtype (the handlers take one dtype per call) and has its width.
-  dw, db = _ffi(_BACKWARD_WEIGHTS, jax.ShapeDtypeStruct(w.shape, w.dtype),
-                jax.ShapeDtypeStruct(w.shape[-1:], w.dtype))(x, dz, **geometry)
+  dw, db = _ffi(_BACKWARD_WEIGHTS, jax.ShapeDtypeStruct(w.shape, w.dtype), jax.ShapeDtypeStruct(w.shape[-1:], w.dtype))(
+    x, dz, **geometry
+  )
   return dx, dw, db
 
 
 native_conv_relu.defvjp(_conv_relu_forward, _conv_relu_backward)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: tuple[tuple[int, int], tuple[int, int]], *,
-             float32_kernels: bool = False) -> jax.Array:
+def max_pool(
+  x: jax.Array,
+  window: int,
+  stride: int,
+  padding: tuple[tuple[int, int], tuple[int, int]],
+  *,
+  float32_kernels: bool = False,
+) -> jax.Array:
   """A window x window max pool of float32 or bfloat16 NHWC images, in oneDNN; padding never wins.
   Exact in either dtype, so bfloat16 runs on the float32 kernels wherever its layers do."""
   if float32_kernels and x.dtype == jnp.bfloat16:

@@ -58,8 +58,9 @@ def onednn_prefix() -> Path:
 def onednn_version(prefix: Path) -> int:
   """The installed oneDNN's version as major * 10000 + minor * 100 + patch, from its header."""
   header = (prefix / "include/oneapi/dnnl/dnnl_version.h").read_text()
-  parts = [int(re.search(rf"#define DNNL_VERSION_{part}\s+(\d+)", header).group(1))
-           for part in ("MAJOR", "MINOR", "PATCH")]
+  parts = [
+    int(re.search(rf"#define DNNL_VERSION_{part}\s+(\d+)", header).group(1)) for part in ("MAJOR", "MINOR", "PATCH")
+  ]
   return parts[0] * 10000 + parts[1] * 100 + parts[2]
 
 
@@ -76,11 +77,15 @@ def check_private(path: Path, what: str) -> None:
   """Refuses `path` unless this user owns it and nobody else may write it."""
   info = path.stat()
   if info.st_uid != os.geteuid():
-    raise Unavailable(f"refusing {what} {path}: it belongs to uid {info.st_uid}, not to this user "
-                      f"({os.geteuid()}); remove it or set {CACHE_DIR} to a directory of yours")
+    raise Unavailable(
+      f"refusing {what} {path}: it belongs to uid {info.st_uid}, not to this user "
+      f"({os.geteuid()}); remove it or set {CACHE_DIR} to a directory of yours"
+    )
   if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-    raise Unavailable(f"refusing {what} {path}: others may write it (mode {stat.filemode(info.st_mode)}); "
-                      f"chmod go-w it or set {CACHE_DIR}")
+    raise Unavailable(
+      f"refusing {what} {path}: others may write it (mode {stat.filemode(info.st_mode)}); "
+      f"chmod go-w it or set {CACHE_DIR}"
+    )
 
 
 def cache_dir() -> Path:
@@ -110,8 +115,7 @@ def _compiler() -> str:
   wanted = os.environ.get("CXX")
   compiler = shutil.which(wanted) if wanted else shutil.which("c++") or shutil.which("g++")
   if compiler is None:
-    raise Unavailable(f"C++ compiler {wanted!r} not found" if wanted
-                      else "no C++ compiler (install g++ or set CXX)")
+    raise Unavailable(f"C++ compiler {wanted!r} not found" if wanted else "no C++ compiler (install g++ or set CXX)")
   return compiler
 
 
@@ -119,11 +123,24 @@ def library_path() -> tuple[Path, list[str], int]:
   """Where this source, jaxlib, oneDNN and compiler's library lives; its build command; oneDNN's version."""
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
+
   prefix = onednn_prefix()
   version = onednn_version(prefix)
-  recipe = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
-            f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE), f"-L{prefix / 'lib'}",
-            "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}"]
+  recipe = [
+    _compiler(),
+    "-O2",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+    "-w",
+    f"-I{jax.ffi.include_dir()}",
+    f"-I{prefix / 'include'}",
+    str(SOURCE),
+    f"-L{prefix / 'lib'}",
+    "-ldnnl",
+    f"-Wl,-rpath,{prefix / 'lib'}",
+  ]
   key = " ".join([jaxlib.__version__, f"onednn {version}", *recipe]).encode()
   digest = hashlib.sha256(SOURCE.read_bytes() + key).hexdigest()[:16]
   return cache_dir() / f"onednn_conv-{digest}.so", recipe, version
@@ -132,8 +149,7 @@ def library_path() -> tuple[Path, list[str], int]:
 def _compile(recipe: list[str], library: Path) -> None:
   """Compiles into a file unique to this host and process, then renames it into place
   (atomic), so processes that start together never load a half-written library."""
-  partial = library.with_name(f"{library.name}.{socket.gethostname()}.{os.getpid()}."
-                              f"{secrets.token_hex(4)}.partial")
+  partial = library.with_name(f"{library.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.partial")
   try:
     done = subprocess.run([*recipe, "-o", str(partial)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -188,8 +204,11 @@ def main() -> int:
   except Unavailable as error:
     print(f"oneDNN layers: {error}", file=sys.stderr)
     if expected_here():
-      print("oneDNN layers: not built; training would use XLA's kernels (slower on CPU). Fix the line "
-            "above and run `python -m nin_jax.onednn_build` again.", file=sys.stderr)
+      print(
+        "oneDNN layers: not built; training would use XLA's kernels (slower on CPU). Fix the line "
+        "above and run `python -m nin_jax.onednn_build` again.",
+        file=sys.stderr,
+      )
       return 1
     print("oneDNN layers: not for this platform; training uses XLA's kernels.", file=sys.stderr)
     return 0

@@ -98,8 +98,9 @@ class Reporter:
   """Writes `metrics.jsonl` (resumed runs extend it), mirrors scalars to TensorBoard,
   and prints a progress line."""
 
-  def __init__(self, workdir: epath.Path, *, total_steps: int, enabled: bool = True,
-               tensorboard: bool = True, stream=None):
+  def __init__(
+    self, workdir: epath.Path, *, total_steps: int, enabled: bool = True, tensorboard: bool = True, stream=None
+  ):
     self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
     self._tensorboard_dir = str(workdir / "tensorboard") if tensorboard else None
     self._tb, self._closed = None, False
@@ -110,6 +111,7 @@ class Reporter:
     """TensorBoard events; the writer (and its file) appears with the first scalar."""
     if self._tb is None:
       from tensorboardX import SummaryWriter  # Event files without installing TensorBoard.
+
       self._tb = SummaryWriter(self._tensorboard_dir)  # gs:// via google-cloud-storage.
     for key, value in metrics.items():
       if isinstance(value, (int, float)) and math.isfinite(value):
@@ -129,8 +131,10 @@ class Reporter:
     if self.enabled:
       moved = self.log.supersede_after(step)
       if moved:
-        self.print(f"moved {moved} metric line(s) of steps after {step}, logged before the run stopped and "
-                   f"trained again now, to {SUPERSEDED_FILE}")
+        self.print(
+          f"moved {moved} metric line(s) of steps after {step}, logged before the run stopped and "
+          f"trained again now, to {SUPERSEDED_FILE}"
+        )
 
   def print(self, message: str) -> None:
     if self.enabled:
@@ -139,14 +143,20 @@ class Reporter:
   def progress(self, step: int, metrics: dict[str, float], steps_per_second: float) -> None:
     """`step 200/1875 10.7% | loss 0.5123 | top-1 81.2% | lr 1.2e-03 | 302 img/s | ETA 8m12s`."""
     eta = (self.total_steps - step) / steps_per_second if steps_per_second > 0 else float("nan")
-    parts = [f"step {step}/{self.total_steps} {100 * step / self.total_steps:5.1f}%",
-             f"loss {metrics['train_loss']:.4f}", f"top-1 {100 * metrics['train_accuracy']:.1f}%"]
+    parts = [
+      f"step {step}/{self.total_steps} {100 * step / self.total_steps:5.1f}%",
+      f"loss {metrics['train_loss']:.4f}",
+      f"top-1 {100 * metrics['train_accuracy']:.1f}%",
+    ]
     if "train_top5_accuracy" in metrics:
       parts.append(f"top-5 {100 * metrics['train_top5_accuracy']:.1f}%")
     if metrics.get("skipped_images"):
       parts.append(f"{metrics['skipped_images']} undecodable image(s) skipped")
-    parts += [f"lr {metrics['learning_rate']:.2e}", f"{metrics['images_per_sec']:.0f} img/s",
-              f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}"]
+    parts += [
+      f"lr {metrics['learning_rate']:.2e}",
+      f"{metrics['images_per_sec']:.0f} img/s",
+      f"ETA {format_duration(eta) if math.isfinite(eta) else '?'}",
+    ]
     self.print(" | ".join(parts))
 
   def close(self) -> None:
@@ -156,4 +166,3 @@ class Reporter:
       if self._tb is not None:
         self._tb.flush()
         self._tb.close()
-

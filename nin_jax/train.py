@@ -27,10 +27,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from nin_jax import (batches as batches_lib, checkpointing, dtype_probe, job as job_lib, lineage, lock, onednn, optim,
-                     preemption, reporting, train_metrics, workdir as workdir_lib)
+from nin_jax import batches as batches_lib
+from nin_jax import checkpointing, dtype_probe, lineage, lock, onednn, optim, preemption, reporting, train_metrics
+from nin_jax import job as job_lib
+from nin_jax import workdir as workdir_lib
 from nin_jax.errors import Interrupted, WorkdirLost
 
 
@@ -51,16 +54,16 @@ def _correct_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array, top5:
   return out
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, num_classes: int,
-                    label_smoothing: float, top5: bool):
+def make_train_step(
+  graphdef, tx: optax.GradientTransformation, *, seed: int, num_classes: int, label_smoothing: float, top5: bool
+):
   def train_step(state, images, labels):
     step = state["step"]
     # Derived inside the step: a key made outside would be a constant read back from the device.
     dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
 
     def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(
-          images, train=True, dropout_key=jax.random.fold_in(dropout_root, step))
+      logits = nnx.merge(graphdef, params)(images, train=True, dropout_key=jax.random.fold_in(dropout_root, step))
       targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
       return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
@@ -77,14 +80,12 @@ def make_eval_step(graphdef, *, top5: bool):
   def eval_step(params, images, labels, mask):
     logits = nnx.merge(graphdef, params)(images)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss_sum": (loss * mask).sum(), "count": mask.sum(),
-            **_correct_counts(logits, labels, mask, top5)}
+    return {"loss_sum": (loss * mask).sum(), "count": mask.sum(), **_correct_counts(logits, labels, mask, top5)}
 
   return eval_step
 
 
-def evaluate(eval_step, params, batches: Iterator[batches_lib.Batch], put: Callable,
-             top5: bool) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Iterator[batches_lib.Batch], put: Callable, top5: bool) -> dict[str, float]:
   """Top-1 (top-5) accuracy and loss over every real example; padding rows have mask 0."""
   sums: dict[str, float] = collections.defaultdict(float)
   for batch in batches:
@@ -92,8 +93,7 @@ def evaluate(eval_step, params, batches: Iterator[batches_lib.Batch], put: Calla
     for k, v in jax.device_get(out).items():
       sums[k] += float(v)
   count = int(sums["count"])
-  metrics = {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss_sum"] / count,
-             "eval_examples": count}
+  metrics = {"eval_accuracy": sums["correct"] / count, "eval_loss": sums["loss_sum"] / count, "eval_examples": count}
   if top5:
     metrics["eval_top5_accuracy"] = sums["correct_top5"] / count
   return metrics
@@ -121,22 +121,35 @@ class Trainer:
     batch = NamedSharding(job.mesh, P("data"))
     self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: job.model.build(nnx.Rngs(0))))
     self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_params))
-    self.tx, self.schedule = optim.from_config(c, job.model.spec, abstract_params, job.num_steps,
-                                               job.steps_per_epoch)
+    self.tx, self.schedule = optim.from_config(c, job.model.spec, abstract_params, job.num_steps, job.steps_per_epoch)
     abstract = jax.eval_shape(self._init_state)
     self.state_sharding = jax.tree.map(lambda _: replicated, abstract)
-    self.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                       abstract)
+    self.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
     self.train_step = jax.jit(
-        make_train_step(self.graphdef, self.tx, seed=c.seed, num_classes=job.model.spec.num_classes,
-                        label_smoothing=c.label_smoothing, top5=job.top5),
-        in_shardings=(self.state_sharding, batch, batch), out_shardings=(self.state_sharding, replicated),
-        donate_argnums=0)
-    self.all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(  # Every float of the state, on device.
-        [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
-    self.eval_step = jax.jit(make_eval_step(self.graphdef, top5=job.top5),
-                             in_shardings=(self.state_sharding["params"], batch, batch, batch),
-                             out_shardings=replicated)
+      make_train_step(
+        self.graphdef,
+        self.tx,
+        seed=c.seed,
+        num_classes=job.model.spec.num_classes,
+        label_smoothing=c.label_smoothing,
+        top5=job.top5,
+      ),
+      in_shardings=(self.state_sharding, batch, batch),
+      out_shardings=(self.state_sharding, replicated),
+      donate_argnums=0,
+    )
+    self.all_finite = jax.jit(
+      lambda tree: jnp.all(
+        jnp.stack(  # Every float of the state, on device.
+          [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        )
+      )
+    )
+    self.eval_step = jax.jit(
+      make_eval_step(self.graphdef, top5=job.top5),
+      in_shardings=(self.state_sharding["params"], batch, batch, batch),
+      out_shardings=replicated,
+    )
 
   def _init_state(self):
     params = nnx.state(self.job.model.build(nnx.Rngs(self.job.config.seed)), nnx.Param)
@@ -146,20 +159,23 @@ class Trainer:
     return jax.jit(self._init_state, out_shardings=self.state_sharding)()  # Created already sharded.
 
   def evaluate(self, state, step: int) -> dict[str, float]:
-    metrics = evaluate(self.eval_step, state["params"], self.job.data.eval_batches(), self.job.put,
-                       self.job.top5)
+    metrics = evaluate(self.eval_step, state["params"], self.job.data.eval_batches(), self.job.put, self.job.top5)
     self.reporter.write(step, metrics)
-    self.reporter.print(f"eval at step {step}: top-1 {100 * metrics['eval_accuracy']:.2f}% "
-                        + (f"top-5 {100 * metrics['eval_top5_accuracy']:.2f}% " if self.job.top5 else "")
-                        + f"loss {metrics['eval_loss']:.4f} on {metrics['eval_examples']:,} examples")
+    self.reporter.print(
+      f"eval at step {step}: top-1 {100 * metrics['eval_accuracy']:.2f}% "
+      + (f"top-5 {100 * metrics['eval_top5_accuracy']:.2f}% " if self.job.top5 else "")
+      + f"loss {metrics['eval_loss']:.4f} on {metrics['eval_examples']:,} examples"
+    )
     return metrics
 
-  def log(self, step: int, metrics: train_metrics.TrainMetrics, seconds: float, images: int,
-          skipped: int) -> None:
-    logged = {**metrics.summary(self.job.config.batch_size, self.job.top5),
-              "learning_rate": float(self.schedule(step - 1)), "images_per_sec": images / seconds,
-              "epoch": step / self.job.steps_per_epoch,
-              **({"skipped_images": skipped} if skipped else {})}  # Undecodable files, this host.
+  def log(self, step: int, metrics: train_metrics.TrainMetrics, seconds: float, images: int, skipped: int) -> None:
+    logged = {
+      **metrics.summary(self.job.config.batch_size, self.job.top5),
+      "learning_rate": float(self.schedule(step - 1)),
+      "images_per_sec": images / seconds,
+      "epoch": step / self.job.steps_per_epoch,
+      **({"skipped_images": skipped} if skipped else {}),
+    }  # Undecodable files, this host.
     self.reporter.write(step, logged)
     self.reporter.progress(step, logged, steps_per_second=images / seconds / self.job.config.batch_size)
 
@@ -168,15 +184,25 @@ def _due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: checkpointing.ocp.CheckpointManager,
-               on_first_save: Callable[[], None] | None = None,
-               held: lock.WorkdirLock | None = None) -> dict[str, float]:
+def train_loop(
+  trainer: Trainer,
+  state,
+  start_step: int,
+  saved: dict,
+  manager: checkpointing.ocp.CheckpointManager,
+  on_first_save: Callable[[], None] | None = None,
+  held: lock.WorkdirLock | None = None,
+) -> dict[str, float]:
   """Steps from `start_step` to the end; returns the last evaluation's metrics. Stops,
   saving nothing, if another run took the workdir's lock over (`held.lost`)."""
   job, c, reporter = trainer.job, trainer.job.config, trainer.reporter
-  metrics = train_metrics.TrainMetrics(saved, num_classes=job.model.spec.num_classes,
-                                       stuck_loss_steps=c.stuck_loss_steps, say=reporter.print,
-                                       diverged=lambda what: checkpointing.diverged_error(what, manager))
+  metrics = train_metrics.TrainMetrics(
+    saved,
+    num_classes=job.model.spec.num_classes,
+    stuck_loss_steps=c.stuck_loss_steps,
+    say=reporter.print,
+    diverged=lambda what: checkpointing.diverged_error(what, manager),
+  )
   batches = prefetch(job.data.train_batches(start_step), job.put)
   eval_metrics = {}
   tick, images = time.perf_counter(), 0
@@ -188,8 +214,10 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: c
       images += c.batch_size
       stopping = stop.requested(step)
       if held is not None and held.lost:
-        raise WorkdirLost(f"Stopped at step {step} without saving: another run took over {job.workdir}; "
-                                 "its checkpoints are now that run's. Use another --workdir for this one.")
+        raise WorkdirLost(
+          f"Stopped at step {step} without saving: another run took over {job.workdir}; "
+          "its checkpoints are now that run's. Use another --workdir for this one."
+        )
       with _host_sync():
         if _due(step, c.log_every_steps, job.num_steps):
           metrics.fetch(step)
@@ -198,15 +226,18 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: c
         if _due(step, c.checkpoint_every_steps, job.num_steps) or stopping:
           metrics.fetch(step)  # A diverged state is never saved...
           if not bool(trainer.all_finite(state)):  # ...nor one whose numbers overflowed.
-            raise checkpointing.diverged_error(f"The parameters or optimizer state became non-finite by step {step}",
-                                                 manager)
+            raise checkpointing.diverged_error(
+              f"The parameters or optimizer state became non-finite by step {step}", manager
+            )
           checkpointing.save(manager, step, state, metrics.host_state())
           if on_first_save is not None:
             on_first_save()
             on_first_save = None
         if stopping:
-          raise Interrupted(f"Stopped by {stop.signal.name} at step {step}; checkpoint saved. "
-                            "Run the same command to resume.", stop.signal)
+          raise Interrupted(
+            f"Stopped by {stop.signal.name} at step {step}; checkpoint saved. Run the same command to resume.",
+            stop.signal,
+          )
         if _due(step, job.eval_every, job.num_steps):
           pause = time.perf_counter()
           eval_metrics = trainer.evaluate(state, step)
@@ -217,8 +248,10 @@ def train_loop(trainer: Trainer, state, start_step: int, saved: dict, manager: c
 def _finished(trainer: Trainer, state) -> dict[str, float]:
   """A rerun of a finished run: the final evaluation on record, else a new one."""
   job, reporter = trainer.job, trainer.reporter
-  reporter.print(f"nothing left to train: the checkpoint at step {job.num_steps} ends this config's "
-                 f"{job.num_steps:,} steps (raise --config.num_train_steps or num_epochs to train longer).")
+  reporter.print(
+    f"nothing left to train: the checkpoint at step {job.num_steps} ends this config's "
+    f"{job.num_steps:,} steps (raise --config.num_train_steps or num_epochs to train longer)."
+  )
   recorded = {}
   if reporter.enabled:
     finals = [r for r in reporter.log.records() if r["step"] == job.num_steps and "eval_accuracy" in r]
@@ -234,17 +267,23 @@ def _finished(trainer: Trainer, state) -> dict[str, float]:
 
 def _describe(job: job_lib.Job) -> str:
   c = job.config
-  return (f"{c.model}/{c.head} on {c.dataset}: {job.data.num_train_examples:,} train and "
-          f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
-          f"({job.num_steps / job.steps_per_epoch:.2f} epochs) on {len(job.devices)} "
-          f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)"
-          + (", layers on oneDNN" if onednn.used_for(c.dtype) else "")
-          + (f", bfloat16 layers on {dtype_probe.bfloat16_kernels()}"
-             if jnp.dtype(c.dtype) == jnp.bfloat16 and job.devices[0].platform == "cpu" else ""))
+  return (
+    f"{c.model}/{c.head} on {c.dataset}: {job.data.num_train_examples:,} train and "
+    f"{job.data.num_eval_examples:,} eval examples, {job.num_steps:,} steps of {c.batch_size} "
+    f"({job.num_steps / job.steps_per_epoch:.2f} epochs) on {len(job.devices)} "
+    f"{job.devices[0].platform} device(s), {jax.process_count()} host(s)"
+    + (", layers on oneDNN" if onednn.used_for(c.dtype) else "")
+    + (
+      f", bfloat16 layers on {dtype_probe.bfloat16_kernels()}"
+      if jnp.dtype(c.dtype) == jnp.bfloat16 and job.devices[0].platform == "cpu"
+      else ""
+    )
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices: list[jax.Device] | None = None) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
   """Trains and evaluates as `config` says, writing everything to `workdir` (a local
   path or a URL such as gs://bucket/run).
 
@@ -270,8 +309,9 @@ def _run(config: ml_collections.ConfigDict, workdir, devices, held: lock.Workdir
       reporter.print(f"the branch from step {restore_step} (restore_step) was taken already: resuming it.")
       restore_step = None
     latest = manager.latest_step()
-    state, saved, start_step = checkpointing.restore(manager, trainer.abstract_state, warn=reporter.print,
-                                                     wanted=restore_step)
+    state, saved, start_step = checkpointing.restore(
+      manager, trainer.abstract_state, warn=reporter.print, wanted=restore_step
+    )
     if state is None:
       state, saved = trainer.init_state(), {}
       reporter.print(f"starting from scratch: {trainer.num_params:,} parameters")
@@ -281,13 +321,14 @@ def _run(config: ml_collections.ConfigDict, workdir, devices, held: lock.Workdir
 
     def record():
       if is_main:
-        lineage.record(job.workdir, job.config, job.config_changes, start_step, say=reporter.print,
-                       branched=branched)
+        lineage.record(job.workdir, job.config, job.config_changes, start_step, say=reporter.print, branched=branched)
 
     if branched:  # The abandoned steps go, and the branch is recorded, when it saves its first.
       later = [s for s in manager.all_steps() if s > start_step]
-      reporter.print(f"branching from step {start_step} as asked (restore_step): the later checkpoints "
-                     f"(steps {', '.join(map(str, sorted(later)))}) are kept until this run saves its first.")
+      reporter.print(
+        f"branching from step {start_step} as asked (restore_step): the later checkpoints "
+        f"(steps {', '.join(map(str, sorted(later)))}) are kept until this run saves its first."
+      )
     else:
       record()
     reporter.print(_describe(job))
@@ -302,8 +343,9 @@ def _run(config: ml_collections.ConfigDict, workdir, devices, held: lock.Workdir
       if is_main:
         workdir_lib.remove_final(job.workdir)  # Of a shorter run this one continues.
       reporter.resume_at(start_step)  # One line per step in metrics.jsonl.
-      final = train_loop(trainer, state, start_step, saved, manager, on_first_save=record if branched else None,
-                         held=held)
+      final = train_loop(
+        trainer, state, start_step, saved, manager, on_first_save=record if branched else None, held=held
+      )
     if is_main:
       workdir_lib.write_final(job.workdir, job.num_steps, final)
     return final

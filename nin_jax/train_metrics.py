@@ -15,15 +15,21 @@ import jax
 from nin_jax.errors import TrainingDiverged
 
 
-
 class TrainMetrics:
   """Train metrics of the current log window: device arrays until a log or checkpoint
   step fetches them. The host-side sums go into checkpoints, so a resumed run logs
   exactly what an uninterrupted one logs. Fetching also checks every step's loss: a
   NaN stops the run before it can be saved, and a loss stuck at ln(classes) warns."""
 
-  def __init__(self, saved: dict, *, num_classes: int, stuck_loss_steps: int, say: Callable,
-               diverged: Callable[[str], TrainingDiverged]):
+  def __init__(
+    self,
+    saved: dict,
+    *,
+    num_classes: int,
+    stuck_loss_steps: int,
+    say: Callable,
+    diverged: Callable[[str], TrainingDiverged],
+  ):
     self._diverged = diverged  # what happened -> the error that says what to do
     self.sums = dict(saved.get("window", {"loss": 0.0, "correct": 0.0, "correct_top5": 0.0, "steps": 0}))
     self.stuck_steps = int(saved.get("stuck_steps", 0))
@@ -38,15 +44,21 @@ class TrainMetrics:
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         raise self._diverged(f"The loss became {loss} at step {offset}")
-      for key, value in (("loss", loss), ("correct", metrics["correct"]),
-                         ("correct_top5", metrics.get("correct_top5", 0.0)), ("steps", 1)):
+      for key, value in (
+        ("loss", loss),
+        ("correct", metrics["correct"]),
+        ("correct_top5", metrics.get("correct_top5", 0.0)),
+        ("steps", 1),
+      ):
         self.sums[key] += float(value)
       self.stuck_steps = self.stuck_steps + 1 if abs(loss - chance) < 0.01 else 0
       if self.stuck_steps == self._stuck_loss_steps:
-        self._say(f"warning: the loss has stayed at ln({self._num_classes})={chance:.4f} for "
-                  f"{self.stuck_steps} steps: the last ReLU has likely died, so every logit is 0 "
-                  "(NIN's known failure). Use --config.init=he, a lower learning rate or warm-up, "
-                  "or another seed.")
+        self._say(
+          f"warning: the loss has stayed at ln({self._num_classes})={chance:.4f} for "
+          f"{self.stuck_steps} steps: the last ReLU has likely died, so every logit is 0 "
+          "(NIN's known failure). Use --config.init=he, a lower learning rate or warm-up, "
+          "or another seed."
+        )
 
   def summary(self, batch_size: int, top5: bool) -> dict[str, float]:
     """The window's means, and a new window."""

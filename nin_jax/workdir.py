@@ -50,8 +50,7 @@ def prepare(workdir: str | os.PathLike) -> epath.Path:
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror or e}); "
-                      "choose a writable --workdir.") from e
+    raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror or e}); choose a writable --workdir.") from e
   return path
 
 

@@ -21,6 +21,7 @@ def uninterrupted_run(tmp_path_factory):
   which the resume tests (local disk and gs://) must reproduce exactly. Trained once per session."""
   from nin_jax import train
   from tests import helpers
+
   config = helpers.resume_config()
   workdir = tmp_path_factory.mktemp("uninterrupted")
   return config, workdir, train.train_and_evaluate(config, str(workdir))

@@ -42,9 +42,11 @@ import sys
 
 CREATE_PATH = ["CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]
 PREEMPT_PATH = ["SUSPENDING", "SUSPENDED"]
-AUTH_ERROR = ("ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your current "
-              "auth tokens: ('invalid_grant: Bad Request', {'error': 'invalid_grant', 'error_description': 'Bad "
-              "Request'})\nPlease run:\n\n  $ gcloud auth login\n\nto obtain new credentials.\n")
+AUTH_ERROR = (
+  "ERROR: (gcloud.compute.tpus.queued-resources.describe) There was a problem refreshing your current "
+  "auth tokens: ('invalid_grant: Bad Request', {'error': 'invalid_grant', 'error_description': 'Bad "
+  "Request'})\nPlease run:\n\n  $ gcloud auth login\n\nto obtain new credentials.\n"
+)
 NETWORK_ERROR = "ERROR: gcloud crashed (ServerNotFoundError): Unable to find the server at tpu.googleapis.com\n"
 
 
@@ -53,7 +55,7 @@ def install(directory) -> str:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "gcloud")
   with open(path, "w") as f:
-    f.write(f"#!/bin/sh\nexec {sys.executable} {os.path.abspath(__file__)} \"$@\"\n")
+    f.write(f'#!/bin/sh\nexec {sys.executable} {os.path.abspath(__file__)} "$@"\n')
   os.chmod(path, 0o755)
   return path
 
@@ -99,7 +101,7 @@ def _on_workers(argv: list[str], drops: list[str] | None) -> int:
         sys.stderr.write(f"ssh: Attempting to connect to worker {os.path.basename(worker)[6:]}...\n")
         status = _run_on(worker, command)
     else:  # scp SRC NAME:DEST
-      source, target = [a for a in argv[argv.index("scp") + 1:] if not a.startswith("--")][:2]
+      source, target = [a for a in argv[argv.index("scp") + 1 :] if not a.startswith("--")][:2]
       shutil.copy(source, os.path.join(worker, target.split(":", 1)[1]))
       status = 0
     worst = worst or status
@@ -117,8 +119,11 @@ def _terminate_trainers() -> None:
 
 
 def _resource(argv: list[str]) -> str:
-  name = next(a for a in argv[argv.index(next(v for v in ("describe", "create", "delete") if v in argv)) + 1:]
-              if not a.startswith("-"))
+  name = next(
+    a
+    for a in argv[argv.index(next(v for v in ("describe", "create", "delete") if v in argv)) + 1 :]
+    if not a.startswith("-")
+  )
   return f"projects/p/locations/{_flag(argv, 'zone')}/queuedResources/{name}"
 
 
@@ -162,7 +167,7 @@ def _queued_resources(argv: list[str], cloud: dict) -> int:
 
 def _storage(argv: list[str], cloud: dict) -> int:
   bucket = cloud["bucket"]
-  local = lambda url: os.path.join(bucket, url[len("gs://"):])  # noqa: E731
+  local = lambda url: os.path.join(bucket, url[len("gs://") :])  # noqa: E731
   urls = [a for a in argv if a.startswith("gs://")]
   if "ls" in argv:
     if not os.path.exists(local(urls[0])):
@@ -173,7 +178,7 @@ def _storage(argv: list[str], cloud: dict) -> int:
       print(urls[0].rstrip("/") + "/" + entry if os.path.isdir(target) else urls[0])
     return 0
   if "cp" in argv:
-    source = next(a for a in argv[argv.index("cp") + 1:] if not a.startswith("-"))
+    source = next(a for a in argv[argv.index("cp") + 1 :] if not a.startswith("-"))
     os.makedirs(os.path.dirname(local(urls[0])), exist_ok=True)
     shutil.copy(source, local(urls[0]))
     return 0

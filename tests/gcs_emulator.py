@@ -67,10 +67,18 @@ def _with_preconditions(handler):
     except PreconditionFailed:
       message = "At least one of the pre-conditions you specified did not hold."
       response.status = HTTPStatus.PRECONDITION_FAILED
-      response.json({"error": {"code": 412, "message": message, "errors": [
-          {"message": message, "domain": "global", "reason": "conditionNotMet"}]}})
+      response.json(
+        {
+          "error": {
+            "code": 412,
+            "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": "conditionNotMet"}],
+          }
+        }
+      )
     finally:
       _request.if_generation_match = None
+
   return wrapped
 
 
@@ -99,7 +107,7 @@ objects.delete = _with_preconditions(_delete)
 storage_lib.Storage.create_file = _create_file_if
 storage_lib.Storage.create_resumable_upload = _create_resumable_upload_if
 
-from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gcp_storage_emulator.server import create_server  # noqa: E402  (after the patches above)
 
 
 def main(port: int, bucket: str) -> None:

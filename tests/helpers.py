@@ -15,16 +15,32 @@ from nin_jax import checkpointing, configs, datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir(datasets.DEBIAN_FASHION_MNIST),
-    reason="needs Debian's dataset-fashion-mnist (bash setup.sh installs it)")
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST),
+  reason="needs Debian's dataset-fashion-mnist (bash setup.sh installs it)",
+)
 
 
 def small_config(**overrides):
   c = configs.default_config()
-  c.update(dict(dataset="fashion_mnist", model="nin_mnist", train_examples=512, eval_examples=300,
-                batch_size=32, eval_batch_size=64, num_train_steps=8, optimizer="adamw",
-                learning_rate=2e-3, schedule="cosine", warmup_epochs=0.0, log_every_steps=2,
-                checkpoint_every_steps=4, eval_every_steps=100, seed=0))
+  c.update(
+    dict(
+      dataset="fashion_mnist",
+      model="nin_mnist",
+      train_examples=512,
+      eval_examples=300,
+      batch_size=32,
+      eval_batch_size=64,
+      num_train_steps=8,
+      optimizer="adamw",
+      learning_rate=2e-3,
+      schedule="cosine",
+      warmup_epochs=0.0,
+      log_every_steps=2,
+      checkpoint_every_steps=4,
+      eval_every_steps=100,
+      seed=0,
+    )
+  )
   c.update(overrides)
   return c
 
@@ -41,7 +57,9 @@ def cpu_transfer_guard():
   zero-copy buffer protocol instead, which Python cannot intercept; on GPU and TPU,
   where that protocol does not exist, JAX's own guard catches them.
   """
-  from jax._src import array, config as jax_config
+  from jax._src import array
+  from jax._src import config as jax_config
+
   original = array.ArrayImpl._value
 
   def guarded(self):
@@ -62,8 +80,14 @@ def resume_config():
   resume tests stop with SIGTERM and resume. SGD (the paper's optimizer), whose update is
   linear in the gradient, so that 8 devices on 2 hosts match 8 on one to ~1e-6; Adam divides
   by sqrt(v), which turns summation-order noise in near-zero gradients into ~3e-5 steps."""
-  return small_config(num_train_steps=16, checkpoint_every_steps=4, keep_checkpoints=2, eval_every_steps=8,
-                      optimizer="sgd", learning_rate=0.02)
+  return small_config(
+    num_train_steps=16,
+    checkpoint_every_steps=4,
+    keep_checkpoints=2,
+    eval_every_steps=8,
+    optimizer="sgd",
+    learning_rate=0.02,
+  )
 
 
 def read_metrics(workdir):
@@ -88,8 +112,14 @@ def predict(model, images) -> np.ndarray:
 
 def run_main(args, cwd=ROOT, **kwargs):
   """`python -m nin_jax.main` as a subprocess, stdout and stderr piped as text."""
-  return subprocess.Popen([sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", *args], cwd=cwd,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", *args],
+    cwd=cwd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kwargs,
+  )
 
 
 def one_device_env(**extra) -> dict[str, str]:
@@ -102,6 +132,7 @@ def run_main_until(args, line_start: str, **kwargs):
   """`run_main(args)` sent SIGTERM once it prints a line starting with `line_start` (training has
   visibly started); returns its exit code, the rest of its stdout, and its stderr."""
   import signal  # pylint: disable=g-import-not-at-top
+
   proc = run_main(args, **kwargs)
   for line in proc.stdout:
     if line.startswith(line_start):
@@ -116,8 +147,7 @@ def write_config_file(directory, config) -> str:
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "config.py")
   with open(path, "w") as f:
-    f.write("import ml_collections\n\n\ndef get_config():\n"
-            f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+    f.write(f"import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict({config.to_dict()!r})\n")
   return path
 
 
@@ -125,5 +155,8 @@ def can_unshare_network() -> bool:
   """Whether this machine lets a test run a command in a network namespace of its own
   (`unshare -n`: root), where nothing it does leaves the machine."""
   import shutil  # pylint: disable=g-import-not-at-top
-  return shutil.which("unshare") is not None and subprocess.run(
-      ["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
+
+  return (
+    shutil.which("unshare") is not None
+    and subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
+  )

@@ -29,9 +29,15 @@ def damaged_body(jpeg: bytes, rng: np.random.Generator, keep: int = 20) -> bytes
   return jpeg[:keep] + rng.integers(0, 256, len(jpeg) - keep, dtype=np.uint8).tobytes()
 
 
-def write_ilsvrc_tars(manual_dir: str, *, per_synset: int = 6, num_val: int = 8,
-                      garbage: tuple[str, int] | None = None, damaged: tuple[str, int] | None = None,
-                      damaged_val: int | None = None) -> None:
+def write_ilsvrc_tars(
+  manual_dir: str,
+  *,
+  per_synset: int = 6,
+  num_val: int = 8,
+  garbage: tuple[str, int] | None = None,
+  damaged: tuple[str, int] | None = None,
+  damaged_val: int | None = None,
+) -> None:
   """ILSVRC2012_img_train.tar (one inner tar per synset) and ILSVRC2012_img_val.tar
   (ILSVRC2012_val_%08d.JPEG, labelled by TFDS's bundled list). `garbage` = (synset, index)
   replaces that training image by bytes that are no image at all; `damaged` = (synset, index)

@@ -13,20 +13,45 @@ from nin_jax import ablation_report as report
 from tests.helpers import small_config
 
 
-def record(setting: str, head: str, seed: int, test: float | None, *, train: float = 1.0, failed: bool = False,
-           share: float = 90.0, lr: float = 1e-3, validation: float = 12.0, diverged: bool = False) -> dict:
-  return {"name": f"{setting}-{head}-{seed}", "setting": setting, "head": head, "seed": seed, "learning_rate": lr,
-          "test_error": test, "train_error": train, "true_class_strongest_map": share, "failed": failed,
-          "diverged": diverged, "diagnosis": "loss is NaN at step 7" if diverged else "",
-          "validation_error_by_step": {} if diverged else {"100": validation + 5, "200": validation},
-          "dead_classes": {"never_predicted": [3] if failed and not diverged else [],
-                           "zero_maps": [3] if failed and not diverged else []}}
+def record(
+  setting: str,
+  head: str,
+  seed: int,
+  test: float | None,
+  *,
+  train: float = 1.0,
+  failed: bool = False,
+  share: float = 90.0,
+  lr: float = 1e-3,
+  validation: float = 12.0,
+  diverged: bool = False,
+) -> dict:
+  return {
+    "name": f"{setting}-{head}-{seed}",
+    "setting": setting,
+    "head": head,
+    "seed": seed,
+    "learning_rate": lr,
+    "test_error": test,
+    "train_error": train,
+    "true_class_strongest_map": share,
+    "failed": failed,
+    "diverged": diverged,
+    "diagnosis": "loss is NaN at step 7" if diverged else "",
+    "validation_error_by_step": {} if diverged else {"100": validation + 5, "200": validation},
+    "dead_classes": {
+      "never_predicted": [3] if failed and not diverged else [],
+      "zero_maps": [3] if failed and not diverged else [],
+    },
+  }
 
 
-RECORDS = ([record("full", "gap", s, e) for s, e in enumerate([10.0, 12.0, 11.0])]
-           + [record("full", "gap", 3, 30.0, failed=True, share=70.0)]
-           + [record("full", "fc", s, e, train=0.5, share=60.0) for s, e in enumerate([11.0, 14.0, 12.0, 13.0])]
-           + [record("long-full", "gap", 0, 11.5), record("long-full", "fc", 0, 9.0)])
+RECORDS = (
+  [record("full", "gap", s, e) for s, e in enumerate([10.0, 12.0, 11.0])]
+  + [record("full", "gap", 3, 30.0, failed=True, share=70.0)]
+  + [record("full", "fc", s, e, train=0.5, share=60.0) for s, e in enumerate([11.0, 14.0, 12.0, 13.0])]
+  + [record("long-full", "gap", 0, 11.5), record("long-full", "fc", 0, 9.0)]
+)
 
 
 def test_summary_counts_failures_and_gives_t_intervals_over_the_healthy_runs():
@@ -50,8 +75,10 @@ def test_paired_difference_uses_the_seeds_where_both_heads_are_healthy():
   assert d["p_value"] == pytest.approx(2 * stats.t.sf(4.0, 2)) and d["p_value"] == pytest.approx(0.0572, abs=1e-4)
   assert report.paired(RECORDS, "full", "gap", "fc_dropout") is None
   text = report.conclusion(RECORDS, {"full": 50_000})
-  assert ("- **full** (50,000 training images): `gap` and `fc` are not distinguishable at this power: -1.33 points "
-          "(95% CI -2.77 to +0.10, paired t-test p = 0.0572, 3 seeds).") in text
+  assert (
+    "- **full** (50,000 training images): `gap` and `fc` are not distinguishable at this power: -1.33 points "
+    "(95% CI -2.77 to +0.10, paired t-test p = 0.0572, 3 seeds)."
+  ) in text
   assert "too few paired healthy seeds to compare `gap` with `fc_dropout`" in text
   assert "1 of 8 runs failed" in text
   table = report.paired_table(RECORDS, "full").splitlines()
@@ -60,53 +87,72 @@ def test_paired_difference_uses_the_seeds_where_both_heads_are_healthy():
 
 def test_convergence_means_the_long_run_lies_inside_the_seeds_range():
   assert report.convergence(RECORDS, "full", "long-full", "gap") == {
-      "head": "gap", "long": 11.5, "low": 10.0, "high": 12.0, "converged": True}
+    "head": "gap",
+    "long": 11.5,
+    "low": 10.0,
+    "high": 12.0,
+    "converged": True,
+  }
   assert not report.convergence(RECORDS, "full", "long-full", "fc")["converged"]  # 9.0 < 11.0.
   table = report.convergence_table(RECORDS, "full", "long-full", ["gap", "fc", "fc_dropout"]).splitlines()
-  assert table[2:] == ["| `gap` | 10.00 – 12.00 | 11.50 | yes |", "| `fc` | 11.00 – 14.00 | 9.00 | **no** |",
-                       "| `fc_dropout` | – | – | not run |"]
+  assert table[2:] == [
+    "| `gap` | 10.00 – 12.00 | 11.50 | yes |",
+    "| `fc` | 11.00 – 14.00 | 9.00 | **no** |",
+    "| `fc_dropout` | – | – | not run |",
+  ]
 
 
 def test_failures_are_listed_with_their_diagnosis_and_counted_per_recipe():
-  records = RECORDS + [record("failure-old", "gap", 0, 20.0, failed=True), record("failure-old", "gap", 1, 8.0),
-                       record("grid-0.004", "gap", 0, None, failed=True, diverged=True, lr=4e-3)]
+  records = RECORDS + [
+    record("failure-old", "gap", 0, 20.0, failed=True),
+    record("failure-old", "gap", 1, 8.0),
+    record("grid-0.004", "gap", 0, None, failed=True, diverged=True, lr=4e-3),
+  ]
   rates = report.failure_rates(records, {"old": ["failure-old"], "new": ["full", "grid-0.004"]}).splitlines()
   assert rates[2:] == ["| old | 2 | 1 | 1 | 50% |", "| new | 5 | 2 | 1 | 40% |"]
   listed = report.failures_table(records)
-  assert ("| `full-gap-3` | 0.001 | 30.00 | class maps zero on every test image: [3]; never predicted: [3] |"
-          in listed)
+  assert "| `full-gap-3` | 0.001 | 30.00 | class maps zero on every test image: [3]; never predicted: [3] |" in listed
   assert "| `grid-0.004-gap-0` | 0.004 | – | loss is NaN at step 7 |" in listed
   assert report.failures_table(RECORDS[:3]) == "No run failed."
 
 
 def test_the_learning_rate_is_chosen_on_validation_error_and_never_from_a_failed_run():
-  grid = [record("grid-0.001", "gap", 0, 9.0, lr=1e-3, validation=11.0),
-          record("grid-0.002", "gap", 0, 8.0, lr=2e-3, validation=10.0),
-          record("grid-0.004", "gap", 0, 7.0, lr=4e-3, validation=6.0, failed=True)]
+  grid = [
+    record("grid-0.001", "gap", 0, 9.0, lr=1e-3, validation=11.0),
+    record("grid-0.002", "gap", 0, 8.0, lr=2e-3, validation=10.0),
+    record("grid-0.004", "gap", 0, 7.0, lr=4e-3, validation=6.0, failed=True),
+  ]
   assert ablation.choose_learning_rate(grid) == 2e-3  # Not 4e-3 (failed), not by test error.
   said = []
   all_failed = [{**r, "failed": True} for r in grid]
   assert ablation.choose_learning_rate(all_failed, say=said.append) == 4e-3
-  assert said == ["warning: every grid run of head 'gap' failed; chose lr 0.004 by validation error alone: "
-                  "widen the grid or train longer."]
+  assert said == [
+    "warning: every grid run of head 'gap' failed; chose lr 0.004 by validation error alone: "
+    "widen the grid or train longer."
+  ]
   with pytest.raises(ValueError, match="every grid run of head 'gap' diverged"):
     ablation.choose_learning_rate([record("grid-0.004", "gap", 0, None, failed=True, diverged=True)])
   table = report.learning_rate_table(grid, ["gap"], {"gap": 2e-3}).splitlines()
-  assert table == ["| head | lr 0.001 | lr 0.002 | lr 0.004 |", "|---|---|---|---|",
-                   "| `gap` | 11.00 | **10.00** | failed |"]
+  assert table == [
+    "| head | lr 0.001 | lr 0.002 | lr 0.004 |",
+    "|---|---|---|---|",
+    "| `gap` | 11.00 | **10.00** | failed |",
+  ]
 
 
 def test_run_configs_replace_rather_than_merge_and_lengthen_scales_every_duration():
-  base = ablation.base_config("adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32",
-                              validation_examples=10_000)
+  base = ablation.base_config(
+    "adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32", validation_examples=10_000
+  )
   assert dict(base.layer_lr_mults) == {"cccp6": 0.1} and base.dropout < 0 and base.weight_decay == 0.05
   config = ablation.run_config(base, head="fc", seed=3, train_examples=50_000, learning_rate=2e-3, epochs=10)
   assert (config.head, config.seed, config.learning_rate, config.num_epochs) == ("fc", 3, 2e-3, 10.0)
   assert config.checkpoint_every_steps == 781  # One epoch of 64: a resume repeats at most one.
   old = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, steps=600, **ablation.OLD_RECIPE)
   assert dict(old.layer_lr_mults) == {} and old.num_train_steps == 600 and old.warmup_steps == 50
-  paper = ablation.base_config("paper_cifar10", dataset="cifar10", model="nin_cifar10", dtype="float32",
-                               validation_examples=0)
+  paper = ablation.base_config(
+    "paper_cifar10", dataset="cifar10", model="nin_cifar10", dtype="float32", validation_examples=0
+  )
   long = ablation.lengthen(ablation.run_config(paper, head="gap", seed=0, train_examples=0), 2)
   assert (long.num_train_steps, long.decay_steps) == (240_000, (200_000,))
   assert ablation.lengthen(config, 2).num_epochs == 20.0
@@ -115,8 +161,9 @@ def test_run_configs_replace_rather_than_merge_and_lengthen_scales_every_duratio
 
 
 def test_a_record_stands_only_for_the_config_it_trained(tmp_path):
-  base = ablation.base_config("adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32",
-                              validation_examples=10_000)
+  base = ablation.base_config(
+    "adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32", validation_examples=10_000
+  )
   config = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, learning_rate=2e-3, epochs=10)
   grid = {**record("grid-0.002", "gap", 0, 9.0), "config": json.loads(json.dumps(config.to_dict()))}
   adopted = ablation.adopt(grid, ablation.Spec("full", "gap", 0, config), tmp_path)
@@ -141,8 +188,16 @@ def test_the_heads_of_a_seed_share_the_body_and_differ_only_in_the_head():
 def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   """A tiny run end to end: validation error per epoch from the held-out split, test and train
   errors in eval mode, the dead-class diagnosis, and no second training once the record exists."""
-  config = small_config(head="gap", train_examples=256, eval_examples=0, validation_examples=1000,
-                        num_train_steps=-1, num_epochs=2.0, eval_every_steps=0, checkpoint_every_steps=8)
+  config = small_config(
+    head="gap",
+    train_examples=256,
+    eval_examples=0,
+    validation_examples=1000,
+    num_train_steps=-1,
+    num_epochs=2.0,
+    eval_every_steps=0,
+    checkpoint_every_steps=8,
+  )
   spec = ablation.Spec("small", "gap", 0, config)
   said = []
   result = ablation.run(spec, str(tmp_path / "work"), tmp_path / "results", say=said.append)
@@ -163,18 +218,25 @@ def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
 def test_table5_recipe_trains_every_head_alike_on_cifar10_mock_data(tmp_path):
   """`-p dataset cifar10 -p model nin_cifar10 -p recipe paper_cifar10`: the fixed SGD recipe of
   experiments/nin_cifar10.py without augmentation, end to end on TFDS mock data."""
-  base = ablation.base_config("paper_cifar10", dataset="cifar10", model="nin_cifar10", dtype="float32",
-                              validation_examples=8)
-  configs_ = {head: ablation.run_config(base, head=head, seed=0, train_examples=0, steps=2, batch_size=8,
-                                        eval_batch_size=8, download=False) for head in models.HEADS}
+  base = ablation.base_config(
+    "paper_cifar10", dataset="cifar10", model="nin_cifar10", dtype="float32", validation_examples=8
+  )
+  configs_ = {
+    head: ablation.run_config(
+      base, head=head, seed=0, train_examples=0, steps=2, batch_size=8, eval_batch_size=8, download=False
+    )
+    for head in models.HEADS
+  }
   alike = [{k: v for k, v in c.to_dict().items() if k != "head"} for c in configs_.values()]
   assert alike[0] == alike[1] == alike[2]  # No per-head tuning.
   assert base.preprocess == "gcn_zca"  # The paper's; fitting ZCA on 3,072 dimensions takes ~13 s, so not here.
-  config = ablation.run_config(configs_["fc_dropout"], head="fc_dropout", seed=0, train_examples=0,
-                               preprocess="standardize")
+  config = ablation.run_config(
+    configs_["fc_dropout"], head="fc_dropout", seed=0, train_examples=0, preprocess="standardize"
+  )
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    result = ablation.run(ablation.Spec("full", "fc_dropout", 0, config), str(tmp_path / "work"), tmp_path / "res",
-                          say=lambda line: None)
+    result = ablation.run(
+      ablation.Spec("full", "fc_dropout", 0, config), str(tmp_path / "work"), tmp_path / "res", say=lambda line: None
+    )
   c = result["config"]
   assert (c["optimizer"], c["learning_rate"], c["augment"], c["num_train_steps"]) == ("sgd", 0.1, "none", 2)
   assert c["layer_lr_mults"] == {"cccp6": 0.1} and list(c["decay_steps"]) == [100_000]

@@ -21,9 +21,16 @@ def test_gap_logits_are_the_means_of_the_captured_class_maps():
 
 def test_strip_volatile_keeps_outputs_and_drops_timings(tmp_path):
   path = tmp_path / "n.ipynb"
-  path.write_text(json.dumps({"metadata": {"papermill": {"duration": 3.2}, "language_info": {"version": "3.11.7"}},
-                              "cells": [{"metadata": {"papermill": {"start_time": "x"}, "execution": {"a": 1}},
-                                         "outputs": [{"text": "42"}]}], "nbformat": 4, "nbformat_minor": 5}))
+  path.write_text(
+    json.dumps(
+      {
+        "metadata": {"papermill": {"duration": 3.2}, "language_info": {"version": "3.11.7"}},
+        "cells": [{"metadata": {"papermill": {"start_time": "x"}, "execution": {"a": 1}}, "outputs": [{"text": "42"}]}],
+        "nbformat": 4,
+        "nbformat_minor": 5,
+      }
+    )
+  )
   analysis.strip_volatile(str(path))
   notebook = json.loads(path.read_text())
   assert notebook["metadata"] == {"language_info": {}}
@@ -36,10 +43,14 @@ def test_a_resumed_runs_rewritten_steps_count_once_and_the_last_line_wins(tmp_pa
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps({"head": "gap", "seed": 0}))
-  lines = [{"step": 10, "train_loss": 2.0}, {"step": 20, "train_loss": 1.5},
-           {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.0},
-           {"step": 20, "train_loss": 1.4}, {"step": 20, "eval_accuracy": 0.6, "eval_loss": 0.9},
-           {"step": 30, "train_loss": 1.0}]
+  lines = [
+    {"step": 10, "train_loss": 2.0},
+    {"step": 20, "train_loss": 1.5},
+    {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.0},
+    {"step": 20, "train_loss": 1.4},
+    {"step": 20, "eval_accuracy": 0.6, "eval_loss": 0.9},
+    {"step": 30, "train_loss": 1.0},
+  ]
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   run = analysis.read_run(workdir)
   assert [(r["step"], r["train_loss"]) for r in run.train] == [(10, 2.0), (20, 1.4), (30, 1.0)]

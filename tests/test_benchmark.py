@@ -13,14 +13,21 @@ from tests.helpers import ROOT, needs_fmnist
 
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "nin_jax.benchmark", *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "nin_jax.benchmark", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
 
 
 @pytest.mark.parametrize("extra", [[], pytest.param(["--input"], marks=needs_fmnist)])
 def test_benchmark_prints_consistent_measurements_of_the_trainers_steps(extra):
-  proc = _benchmark("--model", "nin_mnist", "--batch_size", "16", "--steps", "2", "--repeats", "2",
-                    "--warmup", "1", *extra)
+  proc = _benchmark(
+    "--model", "nin_mnist", "--batch_size", "16", "--steps", "2", "--repeats", "2", "--warmup", "1", *extra
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [r["measure"] for r in rows] == ["train_step", "eval_step"]
@@ -44,12 +51,25 @@ def test_benchmark_user_errors_are_one_line():
   assert proc.stderr.strip().splitlines()[-1].startswith("error: batch_size 12 is not divisible by the 8 devices")
 
 
-@pytest.mark.parametrize("name,image_size", [("nin_cifar10", 0), ("nin_cifar100", 0), ("nin_svhn", 0),
-                                             ("nin_imagenet", 99)])
+@pytest.mark.parametrize(
+  "name,image_size", [("nin_cifar10", 0), ("nin_cifar100", 0), ("nin_svhn", 0), ("nin_imagenet", 99)]
+)
 def test_benchmark_flops_come_from_each_models_table(name, image_size):
   """FLOP/s = 2 per multiply-add of the model's own table at the benchmarked size (x3 to train)."""
-  proc = _benchmark("--model", name, "--batch_size", "8", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                    "--image_size", str(image_size))
+  proc = _benchmark(
+    "--model",
+    name,
+    "--batch_size",
+    "8",
+    "--steps",
+    "1",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--image_size",
+    str(image_size),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   mult_adds = models.total_mult_adds(models.abstract_model(name), image_size or None)
   train, evaluation = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -61,7 +81,7 @@ def test_benchmark_flops_come_from_each_models_table(name, image_size):
 def test_readme_performance_table_is_consistent_with_the_models():
   """Each row's ratio and peak shares follow from its own images/s and the model's table."""
   readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  section = readme[readme.index("## Performance"):readme.index("## Notebooks")]
+  section = readme[readme.index("## Performance") : readme.index("## Notebooks")]
   rows = [line for line in section.splitlines() if line.startswith("| `nin_")]
   assert len(rows) == 12  # Two CPUs (an AVX2 EPYC, an AMX Xeon): float32 and bfloat16, three models each
   for row in rows:

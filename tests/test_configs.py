@@ -8,7 +8,9 @@ from nin_jax import configs, durations, errors, reporting, workdir
 from tests.helpers import small_config
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     (dict(dataset="imagenet21k"), "Unknown dataset 'imagenet21k'; choose one of"),
     (dict(model="resnet50"), "Unknown model 'resnet50'; choose one of"),
     (dict(head="mlp"), "Unknown head 'mlp'; choose one of: gap, fc, fc_dropout"),
@@ -20,9 +22,12 @@ from tests.helpers import small_config
     (dict(learning_rate=float("inf")), "learning_rate must be a positive finite number"),
     (dict(augment="mixup"), "Unknown augment 'mixup' for fashion_mnist; choose one of: none, flip, crop"),
     (dict(preprocess="zca"), "Unknown preprocess 'zca' for fashion_mnist; choose one of: standardize, gcn_zca"),
-    (dict(dataset="imagenet2012", model="nin_imagenet", augment="crop_flip"),
-     "Unknown augment 'crop_flip' for imagenet2012; choose one of: none, inception, caffe"),
-])
+    (
+      dict(dataset="imagenet2012", model="nin_imagenet", augment="crop_flip"),
+      "Unknown augment 'crop_flip' for imagenet2012; choose one of: none, inception, caffe",
+    ),
+  ],
+)
 def test_bad_config_values_are_rejected(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
     configs.validate(small_config(**overrides), device_count=8)
@@ -37,8 +42,15 @@ def test_unknown_config_key_is_rejected():
 
 def test_every_shipped_experiment_validates():
   import importlib
-  for name, variants in [("nin_fashion_mnist", [()]), ("nin_mnist", [()]), ("nin_cifar10", [("aug",), ("noaug",)]),
-                         ("nin_cifar100", [()]), ("nin_svhn", [()]), ("nin_imagenet", [("caffe",), ("modern",)])]:
+
+  for name, variants in [
+    ("nin_fashion_mnist", [()]),
+    ("nin_mnist", [()]),
+    ("nin_cifar10", [("aug",), ("noaug",)]),
+    ("nin_cifar100", [()]),
+    ("nin_svhn", [()]),
+    ("nin_imagenet", [("caffe",), ("modern",)]),
+  ]:
     module = importlib.import_module(f"experiments.{name}")
     for args in variants:
       configs.validate(module.get_config(*args), device_count=1)
@@ -59,6 +71,7 @@ def test_durations_in_steps_or_epochs():
 
 def test_cifar10_recipe_decays_at_iteration_100k():
   from experiments import nin_cifar10
+
   c = nin_cifar10.get_config()
   assert durations.steps(c, "decay", 50_000 // 128) == (100_000,)
   assert durations.steps(c, "train", 50_000 // 128) == 120_000
@@ -89,7 +102,6 @@ def test_local_metrics_log_appends_and_skips_a_partial_last_line(tmp_path):
   assert path.read_text() == '{"step": 1}\n{"step": 3, "train_loss": 0.5}\n'
 
 
-
 def test_config_json_is_replaced_whole(tmp_path):
   path = workdir.resolve(tmp_path)
   workdir.write_config(path, {"a": 1})
@@ -103,9 +115,12 @@ def test_readme_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
   and the batch divides over the slice's chips."""
   import os
   import re
+
   from flax import nnx
-  from nin_jax import models, optim
+
   from experiments import nin_imagenet
+  from nin_jax import models, optim
+
   readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
   rows = re.findall(r"^\| `(v[0-9a-z]+-\d+)` \| (\d+) \((\d+)\) \| (\d+) \| ([0-9.]+) \|$", readme, re.M)
   assert len(rows) == 4
@@ -113,7 +128,7 @@ def test_readme_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
     config = nin_imagenet.get_config()
     config.batch_size = int(batch)
     model = models.from_config(config)
-    params = nnx.state(nnx.eval_shape(lambda: model.build(nnx.Rngs(0))), nnx.Param)
+    params = nnx.state(nnx.eval_shape(lambda: model.build(nnx.Rngs(0))), nnx.Param)  # noqa: B023
     _, schedule = optim.from_config(config, model.spec, params, num_steps=100, steps_per_epoch=10)
     assert float(schedule(0)) == pytest.approx(float(lr)), tpu_type
     assert int(batch) % int(chips) == 0, tpu_type

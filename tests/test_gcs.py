@@ -31,8 +31,13 @@ def _free_port() -> int:
 def gcs():
   """A GCS emulator process (`tests/gcs_emulator.py`) with one bucket; yields its URL."""
   port = _free_port()
-  server = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", str(port), BUCKET], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  server = subprocess.Popen(
+    [sys.executable, "-m", "tests.gcs_emulator", str(port), BUCKET],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     assert server.stdout.readline().startswith("listening"), "the GCS emulator did not start"
     yield f"http://127.0.0.1:{port}"
@@ -53,9 +58,15 @@ def _read(url: str, name: str) -> str:
 
 
 def _emulator_env(url: str) -> dict:
-  return {**os.environ, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-          "NO_GCE_CHECK": "true", "PYTHONPATH": ROOT}
+  return {
+    **os.environ,
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "NO_GCE_CHECK": "true",
+    "PYTHONPATH": ROOT,
+  }
 
 
 @needs_fmnist
@@ -97,17 +108,31 @@ def test_gs_workdir_survives_sigterm_and_resumes_exactly(tmp_path, gcs, uninterr
 
 def test_superseded_metric_lines_move_on_gs_too(gcs):
   """A resume's superseded lines on an object store: both objects are rewritten whole."""
-  script = ("from etils import epath\nfrom nin_jax import reporting, workdir\n"
-            f"log = reporting.MetricsLog(workdir.resolve('gs://{BUCKET}/m') / 'metrics.jsonl')\n"
-            "for step in (2, 4, 6, 8):\n  log.append({'step': step})\n"
-            "print(log.supersede_after(4))\nlog.append({'step': 6, 'again': True})\n")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
-                        text=True, timeout=120, check=False)
+  script = (
+    "from etils import epath\nfrom nin_jax import reporting, workdir\n"
+    f"log = reporting.MetricsLog(workdir.resolve('gs://{BUCKET}/m') / 'metrics.jsonl')\n"
+    "for step in (2, 4, 6, 8):\n  log.append({'step': step})\n"
+    "print(log.supersede_after(4))\nlog.append({'step': 6, 'again': True})\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr[-2000:]
   assert [json.loads(line) for line in _read(gcs, "m/metrics.jsonl").splitlines()] == [
-      {"step": 2}, {"step": 4}, {"step": 6, "again": True}]
+    {"step": 2},
+    {"step": 4},
+    {"step": 6, "again": True},
+  ]
   assert [json.loads(line) for line in _read(gcs, "m/metrics.superseded.jsonl").splitlines()] == [
-      {"step": 6}, {"step": 8}]
+    {"step": 6},
+    {"step": 8},
+  ]
 
 
 def test_the_emulator_honours_generation_preconditions_as_gcs_documents(gcs):
@@ -139,11 +164,25 @@ print("after", blob.generation == second, blob.download_as_text())
 blob.delete(if_generation_match=second)
 print("deleted", not blob.exists())
 """
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
-                        text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.splitlines() == ["412 412", "412 412", "412 412", "grew True c", "resumable 412",
-                                      "after True c", "deleted True"]
+  assert proc.stdout.splitlines() == [
+    "412 412",
+    "412 412",
+    "412 412",
+    "grew True c",
+    "resumable 412",
+    "after True c",
+    "deleted True",
+  ]
 
 
 # A TCP proxy to the emulator that holds every chunk a client sends for `delay` seconds: a
@@ -205,8 +244,15 @@ for trial in range(trials):
 
 def test_two_runs_racing_for_a_gs_workdir_never_both_hold_it(gcs):
   port = urllib.parse.urlparse(gcs).port
-  proc = subprocess.run([sys.executable, "-c", _RACE, str(port), "20", "0.3"], cwd=ROOT, env=_emulator_env(gcs),
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", _RACE, str(port), "20", "0.3"],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["1"] * 20  # Exactly one holder in every trial.
 
@@ -226,8 +272,15 @@ held.__exit__(None, None, None)
 print(held.lost, said[0].startswith("error: another run took over gs://{BUCKET}/taken"))
 print(storage.Client(project="p").bucket("{BUCKET}").blob("taken/lock.json").download_as_text())
 """
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
-                        text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ["True True", '{"token": "other"}']  # The new holder's lock stays.
 
@@ -244,7 +297,14 @@ said = []
 with lock.WorkdirLock(epath.Path("gs://{BUCKET}/damaged"), say=said.append):
   print(said)
 """
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_emulator_env(gcs), capture_output=True,
-                        text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == [f"['warning: replacing the unreadable gs://{BUCKET}/damaged/lock.json.']"]

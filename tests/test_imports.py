@@ -36,7 +36,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
   def visit(module: str, path: list[str]) -> None:
     if module in path:
-      cycle = path[path.index(module):]
+      cycle = path[path.index(module) :]
       if not any(set(cycle) == set(c) for c in found):
         found.append(cycle + [module])
       return

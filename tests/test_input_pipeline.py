@@ -8,7 +8,9 @@ from nin_jax import datasets, errors, input_pipeline
 
 def arrays(n=100, size=8, channels=3):
   rng = np.random.default_rng(0)
-  return rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8).astype(np.float32), np.arange(n, dtype=np.int32)
+  return rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8).astype(np.float32), np.arange(
+    n, dtype=np.int32
+  )
 
 
 def test_train_batches_depend_only_on_seed_and_step():
@@ -31,8 +33,12 @@ def test_an_epoch_visits_each_example_at_most_once():
 def test_host_shares_make_up_the_global_batch():
   x, y = arrays()
   whole = input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="crop_flip")
-  shares = [input_pipeline.InMemoryTrain(x, y, global_batch=16, seed=1, augment_method="crop_flip",
-                                         process_index=i, process_count=4) for i in range(4)]
+  shares = [
+    input_pipeline.InMemoryTrain(
+      x, y, global_batch=16, seed=1, augment_method="crop_flip", process_index=i, process_count=4
+    )
+    for i in range(4)
+  ]
   np.testing.assert_array_equal(np.concatenate([s.batch(5).labels for s in shares]), whole.batch(5).labels)
   # Augmented images too: the random crops and flips do not depend on the host count...
   np.testing.assert_array_equal(np.concatenate([s.batch(5).images for s in shares]), whole.batch(5).images)
@@ -66,7 +72,7 @@ def test_crop_and_flip():
   offsets = []
   for a, b in zip(cropped, x):  # Each crop is a shifted copy, zero-filled at the edge.
     padded = np.pad(b, ((1, 1), (1, 1), (0, 0)))
-    offsets += [(i, j) for i in range(3) for j in range(3) if np.array_equal(a, padded[i:i + 4, j:j + 4])]
+    offsets += [(i, j) for i in range(3) for j in range(3) if np.array_equal(a, padded[i : i + 4, j : j + 4])]
   assert len(offsets) == 32 and len(set(offsets)) >= 5  # Many different shifts, not just (1, 1).
   with pytest.raises(ValueError, match="choose one of"):
     input_pipeline.augment(x, "mixup", np.random.default_rng(0))
@@ -137,6 +143,7 @@ def test_a_validation_split_is_held_out_of_the_training_set():
   """validation_examples: the last N training images become the eval split, the test set is
   not touched, and train_examples then counts from the rest."""
   from tests.helpers import small_config  # pylint: disable=g-import-not-at-top
+
   raw = datasets.load_arrays("fashion_mnist")
   config = small_config(train_examples=0, eval_examples=0, validation_examples=10_000, preprocess="none")
   train_x, train_y, eval_x, eval_y = input_pipeline.in_memory_arrays(config)

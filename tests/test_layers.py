@@ -33,8 +33,9 @@ def caffe_pool_reference(x: np.ndarray, kind: str, k: int, s: int, p: int) -> np
   return y
 
 
-@pytest.mark.parametrize("size,expected", [(54, 27), (55, 27), (27, 13), (13, 6), (32, 16),
-                                           (16, 8), (28, 14), (14, 7), (7, 3), (3, 1)])
+@pytest.mark.parametrize(
+  "size,expected", [(54, 27), (55, 27), (27, 13), (13, 6), (32, 16), (16, 8), (28, 14), (14, 7), (7, 3), (3, 1)]
+)
 def test_pool_output_size_rounds_up_like_caffe(size, expected):
   assert layers.caffe_pool_output_size(size, 3, 2) == expected
   # Floor rounding would lose a row wherever (size - 3) is odd.
@@ -48,8 +49,10 @@ def test_pool_output_size_drops_a_window_that_starts_in_the_padding():
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
-@pytest.mark.parametrize("size,k,s,p", [(54, 3, 2, 0), (13, 3, 2, 0), (8, 3, 2, 0), (7, 3, 2, 0),
-                                        (9, 2, 2, 0), (10, 3, 2, 1), (6, 6, 1, 0), (5, 3, 3, 1)])
+@pytest.mark.parametrize(
+  "size,k,s,p",
+  [(54, 3, 2, 0), (13, 3, 2, 0), (8, 3, 2, 0), (7, 3, 2, 0), (9, 2, 2, 0), (10, 3, 2, 1), (6, 6, 1, 0), (5, 3, 3, 1)],
+)
 def test_pool2d_matches_caffe_reference(kind, size, k, s, p):
   x = np.random.default_rng(size * 10 + k).normal(size=(2, size, size, 3)).astype(np.float32)
   got = np.asarray(layers.pool2d(jnp.asarray(x), kind, k, s, p))
@@ -71,7 +74,7 @@ def test_max_pool_gradient_matches_reduce_window():
 
   def xla(x):
     y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
-    return jnp.sum(y ** 2)
+    return jnp.sum(y**2)
 
   np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(xla)(x), rtol=1e-6)
 
@@ -87,13 +90,18 @@ def test_mlpconv_equals_1x1_convolutions_on_the_same_weights():
     layer.bias[...] = jax.random.normal(jax.random.key(1), layer.bias.shape)
   x = jax.random.normal(jax.random.key(2), (2, 11, 11, 3))
 
-  y = nnx.relu(jax.lax.conv_general_dilated(
-      x, block.conv.kernel[...], (2, 2), ((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + block.conv.bias[...])
+  y = nnx.relu(
+    jax.lax.conv_general_dilated(
+      x, block.conv.kernel[...], (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + block.conv.bias[...]
+  )
   for layer in block.mlp:
     kernel_1x1 = layer.kernel[...][None, None]  # (1, 1, in, out): a 1x1 convolution.
-    y = nnx.relu(jax.lax.conv_general_dilated(
-        y, kernel_1x1, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + layer.bias[...])
+    y = nnx.relu(
+      jax.lax.conv_general_dilated(y, kernel_1x1, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      + layer.bias[...]
+    )
 
   out = block(x)
   assert out.shape == (2, 6, 6, 5)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nin_jax import models
 from tests.helpers import one_device_env
@@ -19,11 +20,11 @@ from tests.helpers import one_device_env
 # zoo's prototxt (its 29 MB float32 snapshot holds 7.6 M parameters), the others from the
 # paper's cuda-convnet definitions (3 mlpconv blocks, widths as in `models.VARIANTS`).
 EXPECTED_PARAMS = {
-    "nin_imagenet": 7_595_176,
-    "nin_cifar10": 966_986,
-    "nin_cifar100": 984_356,
-    "nin_svhn": 1_986_026,
-    "nin_mnist": 349_674,
+  "nin_imagenet": 7_595_176,
+  "nin_cifar10": 966_986,
+  "nin_cifar100": 984_356,
+  "nin_svhn": 1_986_026,
+  "nin_mnist": 349_674,
 }
 
 
@@ -54,14 +55,32 @@ def _shapes(rows):
 
 def test_imagenet_maps_follow_caffe_at_224():
   rows = models.summarize(models.abstract_model("nin_imagenet"), 224)
-  assert _shapes(rows) == ["54x54x96", "27x27x96", "27x27x256", "13x13x256", "13x13x384",
-                           "6x6x384", "6x6x1024", "6x6x1000", "1x1x1000"]
+  assert _shapes(rows) == [
+    "54x54x96",
+    "27x27x96",
+    "27x27x256",
+    "13x13x256",
+    "13x13x384",
+    "6x6x384",
+    "6x6x1024",
+    "6x6x1000",
+    "1x1x1000",
+  ]
 
 
 def test_imagenet_maps_follow_caffe_at_227():
   rows = models.summarize(models.abstract_model("nin_imagenet"), 227)
-  assert _shapes(rows) == ["55x55x96", "27x27x96", "27x27x256", "13x13x256", "13x13x384",
-                           "6x6x384", "6x6x1024", "6x6x1000", "1x1x1000"]
+  assert _shapes(rows) == [
+    "55x55x96",
+    "27x27x96",
+    "27x27x256",
+    "13x13x256",
+    "13x13x384",
+    "6x6x384",
+    "6x6x1024",
+    "6x6x1000",
+    "1x1x1000",
+  ]
 
 
 @pytest.mark.parametrize("name,sizes", [("nin_cifar10", [32, 16, 8]), ("nin_mnist", [28, 14, 7])])
@@ -179,12 +198,14 @@ def test_readme_models_table_is_generated_from_the_code():
   section = re.search(r"<!-- models:begin -->\n(.*?)\n<!-- models:end -->", readme, re.S)
   assert section, "README.md lacks the generated Models table markers"
   assert section.group(1).strip() == models.models_markdown(), (
-      "README Models table is stale: regenerate with `python -m nin_jax.models --markdown`")
+    "README Models table is stale: regenerate with `python -m nin_jax.models --markdown`"
+  )
 
 
 def test_module_runs_as_a_script():
-  out = subprocess.run([sys.executable, "-m", "nin_jax.models", "nin_cifar10"],
-                       capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-m", "nin_jax.models", "nin_cifar10"], capture_output=True, text=True, check=True
+  ).stdout
   assert out.splitlines()[-2] == "total parameters: 966,986"
 
 
@@ -224,8 +245,9 @@ def test_fast_cpu_fusions_match_the_plain_path(tmp_path):
   env = one_device_env(NIN_JAX_ONEDNN="0")
   results = {}
   for path in ("plain", "fast"):
-    subprocess.run([sys.executable, "-c", _GRADIENTS_SCRIPT, path, str(tmp_path / path)],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+      [sys.executable, "-c", _GRADIENTS_SCRIPT, path, str(tmp_path / path)], env=env, check=True, capture_output=True
+    )
     with np.load(tmp_path / f"{path}.npz") as arrays:
       results[path] = [arrays[k] for k in arrays.files]
   (plain_loss, *plain), (fast_loss, *fast) = results["plain"], results["fast"]

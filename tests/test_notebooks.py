@@ -43,18 +43,39 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("XLA_FLAGS", "")  # One device, as a notebook user has.
   root, results = str(tmp_path / "runs"), tmp_path / "results"
-  ablation = nbformat.from_dict(papermill.execute_notebook(
-      os.path.join(NOTEBOOKS, "head_ablation.ipynb"), str(tmp_path / "head_ablation.ipynb"), kernel_name="python3",
-      parameters=dict(heads=["gap", "fc"], seeds=[0], validation_examples=500, train_examples=2048,
-                      small_train_examples=512, epochs={"full": 0.25, "small": 0.5}, learning_rates=[3e-3], long_factor=0,
-                      failure_seeds=[0], failure_steps=4, test_examples=500, results=str(results),
-                      workdir_root=root), progress_bar=False, cwd=ROOT))
+  ablation = nbformat.from_dict(
+    papermill.execute_notebook(
+      os.path.join(NOTEBOOKS, "head_ablation.ipynb"),
+      str(tmp_path / "head_ablation.ipynb"),
+      kernel_name="python3",
+      parameters=dict(
+        heads=["gap", "fc"],
+        seeds=[0],
+        validation_examples=500,
+        train_examples=2048,
+        small_train_examples=512,
+        epochs={"full": 0.25, "small": 0.5},
+        learning_rates=[3e-3],
+        long_factor=0,
+        failure_seeds=[0],
+        failure_steps=4,
+        test_examples=500,
+        results=str(results),
+        workdir_root=root,
+      ),
+      progress_bar=False,
+      cwd=ROOT,
+    )
+  )
   printed = "".join(_outputs(ablation, "stream"))
   # The failure study's 2 runs, the grid's 2 (filed again as seed 0's full runs), the small setting's 2;
   # the long runs are left out here (tests/test_ablation.py checks their tables).
   assert "8 records;" in printed and "chosen learning rates: {'gap': 0.003, 'fc': 0.003}" in printed
   assert sorted(p.name for p in (results / "runs").glob("*.json"))[:3] == [
-      "failure-old-gap-0.json", "failure-old-mult-gap-0.json", "full-fc-0.json"]
+    "failure-old-gap-0.json",
+    "failure-old-mult-gap-0.json",
+    "full-fc-0.json",
+  ]
   assert len(json.loads((results / "head_ablation.json").read_text())) == 8
   tables = [t for t in _outputs(ablation, "text/markdown") if "| head | runs (failed) |" in t]
   assert len(tables) == 2 and "**full: 2,048 training images, 1 seeds**" in tables[0]
@@ -64,9 +85,16 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
   assert len(_outputs(ablation, "image/png")) == 2  # The validation curves of both settings.
   assert any("runs failed and are left out" in t for t in _outputs(ablation, "text/markdown"))
 
-  maps = nbformat.from_dict(papermill.execute_notebook(
-      os.path.join(NOTEBOOKS, "class_maps.ipynb"), str(tmp_path / "class_maps.ipynb"), kernel_name="python3",
-      parameters=dict(workdir_root=root, results=str(results)), progress_bar=False, cwd=ROOT))
+  maps = nbformat.from_dict(
+    papermill.execute_notebook(
+      os.path.join(NOTEBOOKS, "class_maps.ipynb"),
+      str(tmp_path / "class_maps.ipynb"),
+      kernel_name="python3",
+      parameters=dict(workdir_root=root, results=str(results)),
+      progress_bar=False,
+      cwd=ROOT,
+    )
+  )
   printed = "".join(_outputs(maps, "stream"))
   assert "maps of 6 images: 7×7×10 (height × width × classes)" in printed
   assert "largest |logit − mean of its map|" in printed
@@ -89,4 +117,5 @@ def test_readme_shows_the_committed_runs_tables():
     assert "| head |" not in shown and "not yet" in shown, "README shows results the notebook does not hold"
     return
   assert shown == "\n\n".join(tables), (
-      "README's head-ablation tables differ from the notebook's: copy them from notebooks/head_ablation.ipynb")
+    "README's head-ablation tables differ from the notebook's: copy them from notebooks/head_ablation.ipynb"
+  )

@@ -21,26 +21,36 @@ from flax import nnx
 from jax import lax
 
 from nin_jax import dtype_probe, layers, models, onednn, onednn_build
-from tests.helpers import (ROOT, flat_params, needs_fmnist, one_device_env, resume_config, run_main,
-                           run_main_until, write_config_file)
+from tests.helpers import (
+  ROOT,
+  flat_params,
+  needs_fmnist,
+  one_device_env,
+  resume_config,
+  run_main,
+  run_main_until,
+  write_config_file,
+)
 
 # Only where the layers cannot exist. On x86-64 Linux with the oneDNN wheels a build or load
 # failure fails these tests (first of all the next one), so a broken build cannot pass CI green.
-pytestmark = pytest.mark.skipif(not onednn_build.expected_here(), reason=onednn_build.supported_platform()
-                                or "the oneDNN wheels are not installed")
+pytestmark = pytest.mark.skipif(
+  not onednn_build.expected_here(), reason=onednn_build.supported_platform() or "the oneDNN wheels are not installed"
+)
 
 
 def test_the_library_builds_and_loads_here():
   assert onednn._load() is None
 
+
 # (batch, size, in, out, kernel, strides, padding): every kind of layer the variants have, an
 # 11x11/4 first layer, 5x5 and 3x3 padded ones, 1x1 layers, and uneven strides and padding.
 GEOMETRIES = [
-    (2, 227, 3, 96, 11, (4, 4), ((0, 0), (0, 0))),
-    (3, 14, 48, 128, 5, (1, 1), ((2, 2), (2, 2))),
-    (2, 13, 256, 384, 3, (1, 1), ((1, 1), (1, 1))),
-    (4, 28, 96, 64, 1, (1, 1), ((0, 0), (0, 0))),
-    (2, 9, 5, 7, 3, (2, 1), ((0, 1), (2, 0))),
+  (2, 227, 3, 96, 11, (4, 4), ((0, 0), (0, 0))),
+  (3, 14, 48, 128, 5, (1, 1), ((2, 2), (2, 2))),
+  (2, 13, 256, 384, 3, (1, 1), ((1, 1), (1, 1))),
+  (4, 28, 96, 64, 1, (1, 1), ((0, 0), (0, 0))),
+  (2, 9, 5, 7, 3, (2, 1), ((0, 1), (2, 0))),
 ]
 
 
@@ -84,8 +94,7 @@ def test_max_pool_and_its_gradient_equal_xla(size, monkeypatch):
 
 
 def _loss_and_gradients(name, size, dtype="float32"):
-  graph, params = nnx.split(models.create_model(name, image_size=size, dtype=dtype, rngs=nnx.Rngs(0)),
-                            nnx.Param)
+  graph, params = nnx.split(models.create_model(name, image_size=size, dtype=dtype, rngs=nnx.Rngs(0)), nnx.Param)
   spec = models.get_spec(name)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, size, size, spec.in_channels)).astype(np.float32)
@@ -98,8 +107,7 @@ def _loss_and_gradients(name, size, dtype="float32"):
   return jax.jit(jax.value_and_grad(loss)), params
 
 
-@pytest.mark.parametrize("name,size", [("nin_mnist", 28), ("nin_cifar10", 32), ("nin_svhn", 32),
-                                       ("nin_imagenet", 224)])
+@pytest.mark.parametrize("name,size", [("nin_mnist", 28), ("nin_cifar10", 32), ("nin_svhn", 32), ("nin_imagenet", 224)])
 def test_every_variant_trains_the_same_with_onednn_layers(name, size, monkeypatch):
   results = {}
   for use in (False, True):
@@ -120,8 +128,7 @@ def _timing(float32_ms, bfloat16_ms, kernels="onednn"):
 
 
 @pytest.mark.parametrize("bfloat16_ms,native", [(10.0, True), (10.9, True), (11.2, False), (None, False)])
-def test_bfloat16_layers_take_the_native_kernels_only_where_they_measured_faster(bfloat16_ms, native,
-                                                                                  monkeypatch):
+def test_bfloat16_layers_take_the_native_kernels_only_where_they_measured_faster(bfloat16_ms, native, monkeypatch):
   """Float32 takes 10 ms in each case; bfloat16 counts as slower past 1.1x, or with no kernel."""
   monkeypatch.setattr(onednn, "enabled", lambda: True)
   monkeypatch.setattr(dtype_probe, "timing", lambda kernels: _timing(10.0, bfloat16_ms))
@@ -134,11 +141,18 @@ def test_bfloat16_layers_take_the_native_kernels_only_where_they_measured_faster
   assert all(operand in line.split("->")[0] for line in calls), calls[0]
 
 
-@pytest.mark.parametrize("kernels,timing,advised", [
-    ("xla", (10.0, 12.0), True), ("xla", (10.0, 10.5), False), ("xla", (10.0, 5.0), False),
-    ("onednn", (10.0, None), True), ("onednn", (10.0, 30.0), True), ("onednn", (10.0, 4.0), False)])
-def test_a_bfloat16_cpu_run_is_advised_float32_only_where_it_measured_faster(kernels, timing, advised,
-                                                                              monkeypatch):
+@pytest.mark.parametrize(
+  "kernels,timing,advised",
+  [
+    ("xla", (10.0, 12.0), True),
+    ("xla", (10.0, 10.5), False),
+    ("xla", (10.0, 5.0), False),
+    ("onednn", (10.0, None), True),
+    ("onednn", (10.0, 30.0), True),
+    ("onednn", (10.0, 4.0), False),
+  ],
+)
+def test_a_bfloat16_cpu_run_is_advised_float32_only_where_it_measured_faster(kernels, timing, advised, monkeypatch):
   """Where bfloat16 is no faster on the run's kernels (none: oneDNN on AVX2), float32 is advised."""
   monkeypatch.setattr(dtype_probe, "kernels_here", lambda: kernels)
   monkeypatch.setattr(dtype_probe, "timing", lambda k: _timing(*timing, kernels=k))
@@ -196,15 +210,21 @@ def _native_bfloat16_here() -> bool:
 
 
 # bfloat16 layers run on oneDNN's own bfloat16 kernels, or on its float32 ones (see onednn.py).
-BFLOAT16_KERNELS = [pytest.param(True, id="native", marks=pytest.mark.skipif(
-    "not _native_bfloat16_here()", reason="oneDNN has no bfloat16 kernels on this CPU")),
-                    pytest.param(False, id="float32-math")]
+BFLOAT16_KERNELS = [
+  pytest.param(
+    True,
+    id="native",
+    marks=pytest.mark.skipif("not _native_bfloat16_here()", reason="oneDNN has no bfloat16 kernels on this CPU"),
+  ),
+  pytest.param(False, id="float32-math"),
+]
 
 
 @pytest.mark.parametrize("native", BFLOAT16_KERNELS)
 @pytest.mark.parametrize("batch,size,cin,cout,k,strides,padding", GEOMETRIES)
-def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(batch, size, cin, cout, k, strides, padding,
-                                                            native, monkeypatch):
+def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(
+  batch, size, cin, cout, k, strides, padding, native, monkeypatch
+):
   """On bfloat16 operands oneDNN accumulates in float32 and rounds at the end: its forward and
   gradients are the float32 computation on the same values to within bfloat16's rounding
   (2^-8 = 3.9e-3 relative, two roundings at most; measured 1.5e-3 to 3.2e-3 of the largest)."""
@@ -212,14 +232,16 @@ def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(batch, size, cin, co
   x, w, b = _operands(keys, batch, size, cin, cout, k, jnp.bfloat16)
 
   def plain(x, w, b):  # float32 throughout, on the bfloat16 values
-    y = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                 precision=lax.Precision.HIGHEST)
+    y = lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST
+    )
     return jax.nn.relu(y + b)
 
   f32 = [a.astype(jnp.float32) for a in (x, w, b)]
   want, plain_vjp = jax.vjp(plain, *f32)
-  got, fused_vjp = jax.vjp(jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding,
-                                                                    float32_kernels=not native)), x, w, b)
+  got, fused_vjp = jax.vjp(
+    jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding, float32_kernels=not native)), x, w, b
+  )
   assert got.dtype == jnp.bfloat16 and got.shape == want.shape
   assert _relative_error(got.astype(jnp.float32), want) < 8e-3
   dy = jax.random.normal(keys[3], want.shape).astype(jnp.bfloat16)
@@ -244,8 +266,14 @@ def test_bfloat16_model_is_as_close_to_float32_on_onednn_as_on_xla(name, size, n
     gradients[dtype, use] = jax.tree.leaves(step(params)[1])
 
   def median_error(dtype, use):
-    return float(np.median([jnp.linalg.norm(g - h) / jnp.linalg.norm(h) for g, h in
-                            zip(gradients[dtype, use], gradients["float32", False])]))
+    return float(
+      np.median(
+        [
+          jnp.linalg.norm(g - h) / jnp.linalg.norm(h)
+          for g, h in zip(gradients[dtype, use], gradients["float32", False])
+        ]
+      )
+    )
 
   onednn_error, xla_error = median_error("bfloat16", True), median_error("bfloat16", False)
   assert 0 < onednn_error <= 1.1 * xla_error, (onednn_error, xla_error)
@@ -256,8 +284,7 @@ def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
   """A CPU user's run (one device: the oneDNN layers) killed and resumed equals one straight run."""
   config = resume_config()
   config_file = write_config_file(tmp_path, config)
-  straight = run_main(["--config", config_file, "--workdir", str(tmp_path / "straight")],
-                      env=one_device_env())
+  straight = run_main(["--config", config_file, "--workdir", str(tmp_path / "straight")], env=one_device_env())
   out, err = straight.communicate(timeout=300)
   assert straight.returncode == 0, err
   assert "1 cpu device(s), 1 host(s), layers on oneDNN" in out
@@ -275,10 +302,18 @@ def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
 
 
 def test_without_a_compiler_training_keeps_xla_after_one_warning(tmp_path):
-  script = ("from nin_jax import onednn, models; import jax.numpy as jnp; "
-            "m = models.create_model('nin_mnist'); print(onednn.enabled(), m(jnp.ones((1, 28, 28, 1))).shape)")
-  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                        env=one_device_env(NIN_JAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"))
+  script = (
+    "from nin_jax import onednn, models; import jax.numpy as jnp; "
+    "m = models.create_model('nin_mnist'); print(onednn.enabled(), m(jnp.ones((1, 28, 28, 1))).shape)"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=one_device_env(NIN_JAX_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++"),
+  )
   assert done.returncode == 0, done.stderr
   assert done.stdout.split() == ["False", "(1,", "10)"]
   warnings = [line for line in done.stderr.splitlines() if "oneDNN layers unavailable" in line]
@@ -366,10 +401,16 @@ def test_shapes_that_do_not_make_a_layer_are_python_errors_and_handler_errors():
     jax.block_until_ready(call(x, w, b, **onednn._geometry((1, 1), ((0, 0), (0, 0)))))
 
 
-@pytest.mark.parametrize("files,quota", [({"cpu.max": "max 100000\n"}, None), ({"cpu.max": "150000 100000\n"}, 1.5),
-                                         ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
-                                         ({"cpu/cpu.cfs_quota_us": "400000", "cpu/cpu.cfs_period_us": "100000"}, 4.0),
-                                         ({}, None)])
+@pytest.mark.parametrize(
+  "files,quota",
+  [
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({"cpu/cpu.cfs_quota_us": "400000", "cpu/cpu.cfs_period_us": "100000"}, 4.0),
+    ({}, None),
+  ],
+)
 def test_a_cgroup_cpu_quota_caps_the_threads(files, quota, tmp_path):
   for name, text in files.items():
     (tmp_path / name).parent.mkdir(exist_ok=True)

@@ -30,9 +30,12 @@ def test_compare_alternates_both_sides_and_reports_their_ratio():
   said = []
   rows = compare.compare([("nin_mnist", 16)], rounds=2, steps=1, repeats=1, say=said.append)
   assert [line.split(": ")[0] for line in said] == [
-      "round 1/2 nin_mnist b16 project", "round 1/2 nin_mnist b16 torch",
-      "round 2/2 nin_mnist b16 torch", "round 2/2 nin_mnist b16 project"]
-  row, = rows
+    "round 1/2 nin_mnist b16 project",
+    "round 1/2 nin_mnist b16 torch",
+    "round 2/2 nin_mnist b16 torch",
+    "round 2/2 nin_mnist b16 project",
+  ]
+  (row,) = rows
   assert row["ratio"] == pytest.approx(row["project_images_per_sec"] / row["torch_images_per_sec"])
   assert row["project_images_per_sec"] > 0 and row["torch_images_per_sec"] > 0
   # Both sides' FLOP/s as a share of the one matmul peak: 6 FLOPs per multiply-add of a step.

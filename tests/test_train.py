@@ -13,10 +13,22 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from nin_jax import checkpointing, datasets, errors, input_pipeline, job as job_lib, train
+from nin_jax import checkpointing, datasets, errors, input_pipeline, train
+from nin_jax import job as job_lib
 from nin_jax import workdir as workdir_lib
-from tests.helpers import (ROOT, cpu_transfer_guard, flat_params, needs_fmnist, predict, read_metrics, run_main,
-                           run_main_until, small_config, without_timing, write_config_file)
+from tests.helpers import (
+  ROOT,
+  cpu_transfer_guard,
+  flat_params,
+  needs_fmnist,
+  predict,
+  read_metrics,
+  run_main,
+  run_main_until,
+  small_config,
+  without_timing,
+  write_config_file,
+)
 from tests.imagenet_files import write_ilsvrc_tars
 
 
@@ -39,8 +51,14 @@ def test_sharded_training_matches_one_device(tmp_path):
 
 @needs_fmnist
 def test_short_run_on_real_fashion_mnist_learns(tmp_path, capsys):
-  config = small_config(train_examples=2048, num_train_steps=64, log_every_steps=16, checkpoint_every_steps=16,
-                        eval_examples=1000, eval_batch_size=200)
+  config = small_config(
+    train_examples=2048,
+    num_train_steps=64,
+    log_every_steps=16,
+    checkpoint_every_steps=16,
+    eval_examples=1000,
+    eval_batch_size=200,
+  )
   # The 60 steps that neither log nor save must not move a single value to the host.
   with cpu_transfer_guard(), jax.transfer_guard_device_to_host("disallow_explicit"):
     result = train.train_and_evaluate(config, str(tmp_path))
@@ -121,8 +139,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
 
 @needs_fmnist
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  config = small_config(optimizer="sgd", learning_rate=1e6, schedule="constant", num_train_steps=50,
-                        checkpoint_every_steps=1)
+  config = small_config(
+    optimizer="sgd", learning_rate=1e6, schedule="constant", num_train_steps=50, checkpoint_every_steps=1
+  )
   with pytest.raises(errors.TrainingDiverged, match=r"at step (\d+)") as info:
     train.train_and_evaluate(config, str(tmp_path))
   bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
@@ -135,21 +154,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 @needs_fmnist
 def test_stuck_loss_warns_with_the_fix(tmp_path, capsys):
   # A huge SGD step kills every ReLU: logits are all 0 and the loss sits at ln(10).
-  config = small_config(optimizer="sgd", learning_rate=1.0, schedule="constant", num_train_steps=30,
-                        stuck_loss_steps=10, checkpoint_every_steps=100)
+  config = small_config(
+    optimizer="sgd",
+    learning_rate=1.0,
+    schedule="constant",
+    num_train_steps=30,
+    stuck_loss_steps=10,
+    checkpoint_every_steps=100,
+  )
   train.train_and_evaluate(config, str(tmp_path))
   losses = [r["train_loss"] for r in read_metrics(tmp_path) if "train_loss" in r]
   assert losses[-1] == pytest.approx(math.log(10), abs=1e-3)
   assert "the last ReLU has likely died" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,message,code", [
+@pytest.mark.parametrize(
+  "args,message,code",
+  [
     (["--config", "experiments/nope.py"], "nope.py", 2),
     (["--config", "experiments/nin_fashion_mnist.py", "--config.lerning_rate=1"], "lerning_rate", 2),
     (["--config", "experiments/nin_fashion_mnist.py", "--config.model=resnet"], "Unknown model 'resnet'", 2),
-    (["--config", "experiments/nin_fashion_mnist.py", "--config.learning_rate=nan"],
-     "learning_rate must be a positive finite number", 2),
-])
+    (
+      ["--config", "experiments/nin_fashion_mnist.py", "--config.learning_rate=nan"],
+      "learning_rate must be a positive finite number",
+      2,
+    ),
+  ],
+)
 def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, message, code):
   proc = run_main([*args, "--workdir", str(tmp_path)])
   out, err = proc.communicate(timeout=120)
@@ -159,25 +190,41 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, mess
   assert len(error_lines) == 1 and message in error_lines[0], err
 
 
-@pytest.mark.parametrize("dataset,model,extra", [
+@pytest.mark.parametrize(
+  "dataset,model,extra",
+  [
     ("cifar10", "nin_cifar10", dict(preprocess="gcn_zca", augment="crop_flip")),
     ("svhn", "nin_svhn", dict(preprocess="lcn")),
     ("imagenet2012", "nin_imagenet", dict(image_size=64, preprocess="caffe_mean", augment="caffe")),
     ("imagenet2012", "nin_imagenet", dict(image_size=64, augment="inception", dtype="bfloat16")),
-])
+  ],
+)
 def test_tfds_pipelines_train_end_to_end(tmp_path, dataset, model, extra):
   """CIFAR and SVHN on TFDS mock data; ImageNet prepared by TFDS from ILSVRC tars of real JPEGs."""
   if dataset == "imagenet2012":
     write_ilsvrc_tars(str(tmp_path / "manual"), per_synset=10, num_val=20)
-    data = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"), eval_examples=0,
-                shuffle_buffer=32)
+    data = dict(
+      data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"), eval_examples=0, shuffle_buffer=32
+    )
     source = contextlib.nullcontext()
   else:  # Mock data needs no download; with download=True an offline machine would refuse to.
     data = dict(download=False, eval_examples=20)
     source = tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE)
-  config = small_config(**{**dict(dataset=dataset, model=model, batch_size=8, eval_batch_size=8,
-                                  train_examples=0, num_train_steps=3, checkpoint_every_steps=100),
-                           **data, **extra})
+  config = small_config(
+    **{
+      **dict(
+        dataset=dataset,
+        model=model,
+        batch_size=8,
+        eval_batch_size=8,
+        train_examples=0,
+        num_train_steps=3,
+        checkpoint_every_steps=100,
+      ),
+      **data,
+      **extra,
+    }
+  )
   workdir = tmp_path / "run"
   with source:
     result = train.train_and_evaluate(config, str(workdir))
@@ -200,18 +247,35 @@ def test_tfds_pipelines_train_end_to_end(tmp_path, dataset, model, extra):
 
 
 def test_synthetic_data_trains(tmp_path):
-  config = small_config(dataset="synthetic", model="nin_cifar10", batch_size=8, num_train_steps=2,
-                        eval_examples=16, eval_batch_size=8)
+  config = small_config(
+    dataset="synthetic", model="nin_cifar10", batch_size=8, num_train_steps=2, eval_examples=16, eval_batch_size=8
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["eval_examples"] == 16
 
 
 def local_sh(tmp_path, *train_args: str, num: int = 2, devices: int = 4) -> subprocess.Popen:
   """`launch/local.sh`: `num` trainer processes joined through jax.distributed on 127.0.0.1."""
-  return subprocess.Popen(["bash", "launch/local.sh", "-n", str(num), "--devices-per-process", str(devices),
-                           "--logdir", str(tmp_path / "logs"), "--", "--nofast_cpu_fusions", *train_args],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHON": sys.executable})
+  return subprocess.Popen(
+    [
+      "bash",
+      "launch/local.sh",
+      "-n",
+      str(num),
+      "--devices-per-process",
+      str(devices),
+      "--logdir",
+      str(tmp_path / "logs"),
+      "--",
+      "--nofast_cpu_fusions",
+      *train_args,
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, "PYTHON": sys.executable},
+  )
 
 
 @needs_fmnist
@@ -241,8 +305,12 @@ def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupte
   host1 = (tmp_path / "logs" / "process_1.log").read_text()
   assert "eval at" not in host1 and "step 16/16" not in host1  # Only host 0 reports.
   expected, got = read_metrics(one), read_metrics(workdir)
-  np.testing.assert_allclose([r["train_loss"] for r in got if "train_loss" in r],
-                             [r["train_loss"] for r in expected if "train_loss" in r], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    [r["train_loss"] for r in got if "train_loss" in r],
+    [r["train_loss"] for r in expected if "train_loss" in r],
+    rtol=0,
+    atol=1e-5,
+  )
   assert [r["eval_examples"] for r in got if "eval_examples" in r] == [300, 300]
   p1, p2 = flat_params(one, config), flat_params(workdir, config)
   for key in p1:
@@ -252,8 +320,9 @@ def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupte
 @needs_fmnist
 def test_local_sh_forwards_ctrl_c_to_every_process(tmp_path):
   config = small_config(num_train_steps=400, log_every_steps=2, checkpoint_every_steps=1000)
-  group = local_sh(tmp_path, "--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "w"),
-                   devices=1)
+  group = local_sh(
+    tmp_path, "--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "w"), devices=1
+  )
   for line in group.stdout:
     if line.startswith("step 2/400"):
       group.send_signal(signal.SIGINT)
@@ -302,14 +371,39 @@ def test_slurm_sbatch_joins_its_tasks_through_slurm_detection(tmp_path, uninterr
   srun.write_text(FAKE_SRUN)
   srun.chmod(0o755)
   job_id = 100000 + os.getpid() % 4096  # JAX's coordinator port: 61440 + job id % 4096.
-  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PYTHON": sys.executable,
-         "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {
+    **os.environ,
+    "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    "PYTHON": sys.executable,
+    "SLURM_JOB_ID": str(job_id),
+    "SLURM_NTASKS": "2",
+    "SLURM_SUBMIT_DIR": ROOT,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  }
   workdir = tmp_path / "run"
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--nofast_cpu_fusions", "--config",
-                         write_config_file(tmp_path, config), "--workdir", str(workdir)],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [
+      "bash",
+      os.path.join(ROOT, "launch", "slurm.sbatch"),
+      "--nofast_cpu_fusions",
+      "--config",
+      write_config_file(tmp_path, config),
+      "--workdir",
+      str(workdir),
+    ],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "on 8 cpu device(s), 2 host(s)" in proc.stdout
-  np.testing.assert_allclose([r["train_loss"] for r in read_metrics(workdir) if "train_loss" in r],
-                             [r["train_loss"] for r in read_metrics(one) if "train_loss" in r], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    [r["train_loss"] for r in read_metrics(workdir) if "train_loss" in r],
+    [r["train_loss"] for r in read_metrics(one) if "train_loss" in r],
+    rtol=0,
+    atol=1e-5,
+  )
