@@ -19,7 +19,7 @@ layer both ways on the CPU at hand. Where the native kernels lose, a bfloat16 la
 the float32 kernels instead: the products of two bfloat16 numbers are exact in float32, so
 that computes the same function up to summation order, at float32's speed rather than at
 XLA:CPU's bfloat16 speed (~0.7x of float32). `tests/test_onednn.py` bounds both per layer
-geometry and per model. Measured speeds: the README's Performance section.
+geometry and per model. Measured speeds: docs/performance.md.
 
 The path is taken where it is a plain win: a CPU job with one device in all. GPUs and TPUs
 keep XLA's kernels, and so do CPU runs sharded over several devices, as XLA cannot

@@ -110,7 +110,7 @@ def test_config_json_is_replaced_whole(tmp_path):
   assert sorted(p.name for p in path.iterdir()) == ["config.json"]  # No temporary file left.
 
 
-def test_readme_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
+def test_launch_doc_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
   """Each row's learning rate is what experiments/nin_imagenet.py computes for that batch,
   and the batch divides over the slice's chips."""
   import os
@@ -121,8 +121,8 @@ def test_readme_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
   from experiments import nin_imagenet
   from nin_jax import models, optim
 
-  readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-  rows = re.findall(r"^\| `(v[0-9a-z]+-\d+)` \| (\d+) \((\d+)\) \| (\d+) \| ([0-9.]+) \|$", readme, re.M)
+  launch = open(os.path.join(os.path.dirname(__file__), "..", "docs", "launch.md")).read()
+  rows = re.findall(r"^\| `(v[0-9a-z]+-\d+)` \| (\d+) \((\d+)\) \| (\d+) \| ([0-9.]+) \|$", launch, re.M)
   assert len(rows) == 4
   for tpu_type, chips, _, batch, lr in rows:
     config = nin_imagenet.get_config()
