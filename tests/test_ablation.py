@@ -174,6 +174,7 @@ def test_a_record_stands_only_for_the_config_it_trained(tmp_path):
     ablation.adopt(grid, ablation.Spec("full", "gap", 0, other), tmp_path)
 
 
+@pytest.mark.slow
 def test_the_heads_of_a_seed_share_the_body_and_differ_only_in_the_head():
   built = {head: models.from_config(small_config(head=head, seed=5)).build(nnx.Rngs(5)) for head in models.HEADS}
   bodies = {head: nnx.to_pure_dict(nnx.state(m.blocks)) for head, m in built.items()}
@@ -184,6 +185,7 @@ def test_the_heads_of_a_seed_share_the_body_and_differ_only_in_the_head():
   assert [x.tolist() for x in __import__("jax").tree.leaves(nnx.to_pure_dict(other_seed))] != leaves["gap"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not datasets.os.path.isdir(datasets.DEBIAN_FASHION_MNIST), reason="needs dataset-fashion-mnist")
 def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   """A tiny run end to end: validation error per epoch from the held-out split, test and train
@@ -215,6 +217,7 @@ def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   assert [r["name"] for r in assembled] == ["small-gap-0"]
 
 
+@pytest.mark.slow
 def test_table5_recipe_trains_every_head_alike_on_cifar10_mock_data(tmp_path):
   """`-p dataset cifar10 -p model nin_cifar10 -p recipe paper_cifar10`: the fixed SGD recipe of
   experiments/nin_cifar10.py without augmentation, end to end on TFDS mock data."""

@@ -23,6 +23,7 @@ def _benchmark(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], pytest.param(["--input"], marks=needs_fmnist)])
 def test_benchmark_prints_consistent_measurements_of_the_trainers_steps(extra):
   proc = _benchmark(
@@ -51,6 +52,7 @@ def test_benchmark_user_errors_are_one_line():
   assert proc.stderr.strip().splitlines()[-1].startswith("error: batch_size 12 is not divisible by the 8 devices")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name,image_size", [("nin_cifar10", 0), ("nin_cifar100", 0), ("nin_svhn", 0), ("nin_imagenet", 99)]
 )

@@ -43,6 +43,7 @@ def snapshot(workdir) -> dict[str, bytes]:
   return files
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_rerun_that_changes_the_run_is_refused_and_changes_nothing(tmp_path, capsys):
   workdir = str(tmp_path)
@@ -139,6 +140,7 @@ def test_an_unknown_config_variant_is_its_own_message(tmp_path):
   )
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_non_finite_state_is_never_saved(tmp_path):
@@ -151,6 +153,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == []
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_diverged_run_lists_its_checkpoints_and_branches_from_an_earlier_one(tmp_path, capsys):
   workdir = str(tmp_path)
@@ -183,6 +186,7 @@ def test_a_diverged_run_lists_its_checkpoints_and_branches_from_an_earlier_one(t
   assert "nothing left to train" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_one_writer_per_workdir(tmp_path):
   workdir = str(tmp_path / "run")
@@ -252,6 +256,7 @@ def _assert_failed_save_ends_cleanly(proc: subprocess.CompletedProcess, seconds:
   )
 
 
+@pytest.mark.slow
 @needs_fmnist
 @needs_mount
 def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoints(tmp_path):
@@ -262,6 +267,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_checkpoints(tmp_path):
   _assert_failed_save_ends_cleanly(proc, seconds, "No space left on device")
 
 
+@pytest.mark.slow
 @needs_fmnist
 @needs_mount
 def test_a_read_only_checkpoint_directory_ends_in_one_line_and_resumes_later(tmp_path):
@@ -378,6 +384,7 @@ def _imagenet_config(tmp_path, **overrides):
   )
 
 
+@pytest.mark.slow
 def test_damaged_imagenet_images_are_left_out_counted_and_a_killed_run_resumes_exactly(tmp_path):
   """A non-JPEG file and a JPEG with a damaged body among the training images, and a damaged
   validation image: preparing records the two that do not decode, training leaves them out
@@ -420,6 +427,7 @@ def test_damaged_imagenet_images_are_left_out_counted_and_a_killed_run_resumes_e
   assert without_timing(resumed) == without_timing(logged)
 
 
+@pytest.mark.slow
 def test_an_image_damaged_after_preparation_stops_training_with_one_line_and_verify_mends_it(tmp_path):
   """A set prepared before images were verified (no record): the damaged training image stops
   the run with one line naming it and the command that verifies the set; after that command
@@ -529,6 +537,7 @@ def _damaged_synset_tar(manual, data_dir):
   ],
   ids=["val_tar_cut_mid_file", "only_the_val_tar", "prepared_from_only_the_val_tar", "damaged_synset_tar"],
 )
+@pytest.mark.slow
 def test_imagenet_preparation_faults_name_the_file_in_one_line(tmp_path, fault, message):
   manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
   write_ilsvrc_tars(str(manual), per_synset=2, num_val=4)
@@ -557,6 +566,7 @@ def test_imagenet_preparation_faults_name_the_file_in_one_line(tmp_path, fault, 
   assert prepared.exists() == (fault is _prepared_from_only_the_val_tar)  # nor a prepared set deleted.
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not can_unshare_network(), reason="needs root and `unshare -n` for a machine without network")
 def test_offline_a_missing_data_set_is_reported_within_seconds(tmp_path):
   """In a network namespace of its own nothing leaves the machine; TFDS alone retried for 3.5 minutes."""
@@ -627,6 +637,7 @@ def test_supersede_moves_the_lines_after_a_step_and_keeps_appending(tmp_path):
     assert [json.loads(line) for line in f] == [{"step": 6, "train_loss": 6.0}]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_run_killed_between_a_log_step_and_its_checkpoint_logs_each_step_once(tmp_path):
   """kill -9 after the lines of steps 5 and 6 are written but before the checkpoint at 8:
@@ -663,6 +674,7 @@ def test_a_run_killed_between_a_log_step_and_its_checkpoint_logs_each_step_once(
     assert [json.loads(line)["step"] for line in f] == [5, 6]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_run_whose_lock_was_taken_over_stops_without_saving(tmp_path, monkeypatch):
   """Another run takes the lock over (as it would after this run's heartbeat stalled): at its
@@ -693,6 +705,7 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(tmp_path, monkeypa
   assert json.loads((workdir / "lock.json").read_text())["token"] == "the other run"
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_lines_are_silenced_for_every_entry_point():
   """`python -m nin_jax.imagenet_prepare` printed TensorFlow's C++ start-up lines (I0000 ...
   cpu_feature_guard.cc) before its own: the package sets TF_CPP_MIN_LOG_LEVEL first."""

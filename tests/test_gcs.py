@@ -20,6 +20,8 @@ from tests.helpers import ROOT, needs_fmnist, read_metrics, run_main, without_ti
 
 BUCKET = "nin-test"
 
+pytestmark = pytest.mark.slow  # A GCS emulator process and trainer subprocesses.
+
 
 def _free_port() -> int:
   with socket.socket() as s:

@@ -62,6 +62,8 @@ while time.time() < deadline:
   time.sleep(0.05)
 """
 
+pytestmark = pytest.mark.slow  # Launch scenarios: stand-in clouds and clusters running real processes.
+
 
 class FakeCloud:
   """tpu.sh with the stand-in gcloud first on PATH, `workers` local directories as the TPU's

@@ -111,6 +111,7 @@ def test_factory_errors_list_valid_choices():
     models.create_model("nin_cifar10", dtype="float16")
 
 
+@pytest.mark.slow
 def test_caffe_init_uses_the_reference_stds():
   model = models.create_model("nin_imagenet", init="caffe", rngs=nnx.Rngs(0))
   stds = [float(jnp.std(layer.kernel[...])) for b in model.blocks for layer in b.layers()]
@@ -239,6 +240,7 @@ np.savez(sys.argv[2], value, *jax.tree.leaves(grads))
 """
 
 
+@pytest.mark.slow
 def test_fast_cpu_fusions_match_the_plain_path(tmp_path):
   """The YNNPACK fusions main.py turns on for speed change only the summation order (on XLA's
   own kernels, which runs over several CPU devices keep: see tests/test_onednn.py)."""

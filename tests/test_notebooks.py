@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import ROOT, needs_fmnist
 
+pytestmark = pytest.mark.slow  # Notebooks executed by papermill.
+
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 

@@ -46,11 +46,16 @@ def test_the_library_builds_and_loads_here():
 # (batch, size, in, out, kernel, strides, padding): every kind of layer the variants have, an
 # 11x11/4 first layer, 5x5 and 3x3 padded ones, 1x1 layers, and uneven strides and padding.
 GEOMETRIES = [
-  (2, 227, 3, 96, 11, (4, 4), ((0, 0), (0, 0))),
-  (3, 14, 48, 128, 5, (1, 1), ((2, 2), (2, 2))),
-  (2, 13, 256, 384, 3, (1, 1), ((1, 1), (1, 1))),
-  (4, 28, 96, 64, 1, (1, 1), ((0, 0), (0, 0))),
-  (2, 9, 5, 7, 3, (2, 1), ((0, 1), (2, 0))),
+  *(
+    pytest.param(*g, marks=pytest.mark.slow)
+    for g in [
+      (2, 227, 3, 96, 11, (4, 4), ((0, 0), (0, 0))),
+      (3, 14, 48, 128, 5, (1, 1), ((2, 2), (2, 2))),
+      (2, 13, 256, 384, 3, (1, 1), ((1, 1), (1, 1))),
+      (4, 28, 96, 64, 1, (1, 1), ((0, 0), (0, 0))),
+    ]
+  ),
+  (2, 9, 5, 7, 3, (2, 1), ((0, 1), (2, 0))),  # Uneven strides and padding: the quick tier's one.
 ]
 
 
@@ -79,6 +84,7 @@ def test_layer_and_its_gradients_equal_xla(batch, size, cin, cout, k, strides, p
     assert _relative_error(g, h) < 1e-5, name  # Measured up to 3e-6: summation order only.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [54, 32, 28, 13, 7])  # Caffe's rounding up adds a window at 54, 32 and 28.
 def test_max_pool_and_its_gradient_equal_xla(size, monkeypatch):
   x = jax.random.normal(jax.random.key(size), (3, size, size, 8))  # No ties: one max per window.
@@ -107,6 +113,7 @@ def _loss_and_gradients(name, size, dtype="float32"):
   return jax.jit(jax.value_and_grad(loss)), params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("nin_mnist", 28), ("nin_cifar10", 32), ("nin_svhn", 32), ("nin_imagenet", 224)])
 def test_every_variant_trains_the_same_with_onednn_layers(name, size, monkeypatch):
   results = {}
@@ -220,6 +227,7 @@ BFLOAT16_KERNELS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", BFLOAT16_KERNELS)
 @pytest.mark.parametrize("batch,size,cin,cout,k,strides,padding", GEOMETRIES)
 def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(
@@ -250,6 +258,7 @@ def test_bfloat16_layer_is_float32_math_rounded_to_bfloat16(
     assert _relative_error(g.astype(jnp.float32), h) < 8e-3, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", BFLOAT16_KERNELS)
 @pytest.mark.parametrize("name,size", [("nin_mnist", 28), ("nin_cifar10", 32)])
 def test_bfloat16_model_is_as_close_to_float32_on_onednn_as_on_xla(name, size, native, monkeypatch):
@@ -279,6 +288,7 @@ def test_bfloat16_model_is_as_close_to_float32_on_onednn_as_on_xla(name, size, n
   assert 0 < onednn_error <= 1.1 * xla_error, (onednn_error, xla_error)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
   """A CPU user's run (one device: the oneDNN layers) killed and resumed equals one straight run."""
@@ -301,6 +311,7 @@ def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # Bitwise.
 
 
+@pytest.mark.slow
 def test_without_a_compiler_training_keeps_xla_after_one_warning(tmp_path):
   script = (
     "from nin_jax import onednn, models; import jax.numpy as jnp; "
@@ -321,6 +332,7 @@ def test_without_a_compiler_training_keeps_xla_after_one_warning(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_library_is_built_once_and_atomically(tmp_path, monkeypatch):
   monkeypatch.setenv(onednn_build.CACHE_DIR, str(tmp_path / "cache"))
   onednn_build.load()
@@ -375,6 +387,7 @@ def test_a_library_someone_else_could_have_planted_is_never_loaded(tmp_path, mon
       onednn_build.load()
 
 
+@pytest.mark.slow
 def test_a_stale_library_is_rebuilt_once(tmp_path, monkeypatch):
   monkeypatch.setenv(onednn_build.CACHE_DIR, str(tmp_path / "cache"))
   library, _, _ = onednn_build.library_path()

@@ -7,6 +7,8 @@ torch = pytest.importorskip("torch")
 from benchmarks import compare, torch_nin  # noqa: E402  pylint: disable=g-import-not-at-top
 from nin_jax import models  # noqa: E402
 
+pytestmark = pytest.mark.slow  # PyTorch side by side.
+
 
 @pytest.mark.parametrize("name", sorted(models.VARIANTS))
 def test_the_torch_reference_has_the_jax_models_shapes_and_parameters(name):

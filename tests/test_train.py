@@ -32,6 +32,7 @@ from tests.helpers import (
 from tests.imagenet_files import write_ilsvrc_tars
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sharded_training_matches_one_device(tmp_path):
   # SGD (the paper's optimizer): its update is linear in the gradient. Adam divides by
@@ -49,6 +50,7 @@ def test_sharded_training_matches_one_device(tmp_path):
     np.testing.assert_allclose(p8[key], p1[key], rtol=0, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_short_run_on_real_fashion_mnist_learns(tmp_path, capsys):
   config = small_config(
@@ -75,6 +77,7 @@ def test_short_run_on_real_fashion_mnist_learns(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["32", "48", "64"]  # keep_checkpoints=3
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_eval_counts_every_example_once(tmp_path):
   # 300 examples in batches of 64: four full batches and one padded to 64 with 44 masked rows.
@@ -91,6 +94,7 @@ def test_eval_counts_every_example_once(tmp_path):
   assert result["eval_accuracy"] == pytest.approx(np.mean(predictions == arrays.eval_labels[:300]), abs=1e-9)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterrupted_run):
   config, straight_dir, straight = uninterrupted_run
@@ -119,6 +123,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, capsys, uninterru
   assert read_metrics(workdir) == lines
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   config = small_config(num_train_steps=8, checkpoint_every_steps=4)
@@ -137,6 +142,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   assert step == 12 and sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = small_config(
@@ -151,6 +157,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in params.values())
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_stuck_loss_warns_with_the_fix(tmp_path, capsys):
   # A huge SGD step kills every ReLU: logits are all 0 and the loss sits at ln(10).
@@ -190,6 +197,7 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, mess
   assert len(error_lines) == 1 and message in error_lines[0], err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "dataset,model,extra",
   [
@@ -278,6 +286,7 @@ def local_sh(tmp_path, *train_args: str, num: int = 2, devices: int = 4) -> subp
   )
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupted_run):
   """Two processes of 4 CPU devices each (launch/local.sh: jax.distributed over gloo) train
@@ -317,6 +326,7 @@ def test_two_hosts_stop_together_and_resume_like_one_host(tmp_path, uninterrupte
     np.testing.assert_allclose(p2[key], p1[key], rtol=0, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_local_sh_forwards_ctrl_c_to_every_process(tmp_path):
   config = small_config(num_train_steps=400, log_every_steps=2, checkpoint_every_steps=1000)
@@ -361,6 +371,7 @@ exit "$worst"
 """
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_slurm_sbatch_joins_its_tasks_through_slurm_detection(tmp_path, uninterrupted_run):
   """launch/slurm.sbatch run as sbatch would, its srun starting 2 tasks on this machine: the
