@@ -123,7 +123,9 @@ def _measure(step, kernels: str) -> Timing:
 
 def _cache_file(kernels: str):
   library = onednn.library_name[0] if kernels == "onednn" else "xla"
-  key = f"{cpu_name()}|{library}|jax {jax.__version__}|{_BATCH},{_SIZE},{_IN},{_OUT},{_KERNEL}"
+  # XLA's kernels are slower unoptimised (as the tests run them): never one measurement for both.
+  optimised = not jax.config.read("jax_disable_most_optimizations")
+  key = f"{cpu_name()}|{library}|jax {jax.__version__}|optimised {optimised}|{_BATCH},{_SIZE},{_IN},{_OUT},{_KERNEL}"
   return onednn_build.cache_dir() / f"dtype-speed-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
