@@ -94,12 +94,8 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
 
 def error_rate(model: models.NIN, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
   """Error (%) of `model` in eval mode (no dropout) on the given images."""
-  logits = _predict(model, images, batch_size)
+  _, logits = class_maps(model, images, batch_size)
   return 100 * float(np.mean(logits.argmax(-1) != labels))
-
-
-def _predict(model: models.NIN, images: np.ndarray, batch_size: int) -> np.ndarray:
-  return class_maps(model, images, batch_size)[1]
 
 
 def class_maps(model: models.NIN, images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
