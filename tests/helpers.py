@@ -110,10 +110,15 @@ def predict(model, images) -> np.ndarray:
   return np.asarray(nnx.jit(lambda m, x: m(x))(model, images))
 
 
+def main_command(*args) -> list[str]:
+  """`python -m nin_jax.main ARGS` as the in-process tests train (without main's CPU fusions)."""
+  return [sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", *args]
+
+
 def run_main(args, cwd=ROOT, **kwargs):
   """`python -m nin_jax.main` as a subprocess, stdout and stderr piped as text."""
   return subprocess.Popen(
-    [sys.executable, "-m", "nin_jax.main", "--nofast_cpu_fusions", *args],
+    main_command(*args),
     cwd=cwd,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,

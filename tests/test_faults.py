@@ -22,6 +22,7 @@ from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, re
 from tests.helpers import (
   ROOT,
   can_unshare_network,
+  main_command,
   needs_fmnist,
   read_metrics,
   run_main,
@@ -402,16 +403,7 @@ def test_damaged_imagenet_images_are_left_out_counted_and_a_killed_run_resumes_e
   # 10 decodable training images of 12: 4 steps of 8 draw 32 examples, so the two are met ~3 times each.
   assert logged[-1]["skipped_images"] >= 4
 
-  command = [
-    sys.executable,
-    "-m",
-    "nin_jax.main",
-    "--nofast_cpu_fusions",
-    "--config",
-    write_config_file(tmp_path, config),
-    "--workdir",
-    str(tmp_path / "resumed"),
-  ]
+  command = main_command("--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "resumed"))
   run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   printed = []
   for line in run.stdout:
@@ -644,16 +636,7 @@ def test_a_run_killed_between_a_log_step_and_its_checkpoint_logs_each_step_once(
   the resumed run trains 5-8 again; metrics.jsonl holds each step once, and the earlier
   lines of 5 and 6 are in metrics.superseded.jsonl."""
   config = small_config(num_train_steps=12, log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=-1)
-  command = [
-    sys.executable,
-    "-m",
-    "nin_jax.main",
-    "--nofast_cpu_fusions",
-    "--config",
-    write_config_file(tmp_path, config),
-    "--workdir",
-    str(tmp_path / "w"),
-  ]
+  command = main_command("--config", write_config_file(tmp_path, config), "--workdir", str(tmp_path / "w"))
   env = {**os.environ, "XLA_FLAGS": ""}
   run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in run.stdout:

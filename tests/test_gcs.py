@@ -59,6 +59,19 @@ def _read(url: str, name: str) -> str:
     return r.read().decode()
 
 
+def _python(gcs: str, script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  """`python -c script args` in a process whose GCS clients all reach the emulator at `gcs`."""
+  return subprocess.run(
+    [sys.executable, "-c", script, *args],
+    cwd=ROOT,
+    env=_emulator_env(gcs),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+
+
 def _emulator_env(url: str) -> dict:
   return {
     **os.environ,
@@ -116,15 +129,7 @@ def test_superseded_metric_lines_move_on_gs_too(gcs):
     "for step in (2, 4, 6, 8):\n  log.append({'step': step})\n"
     "print(log.supersede_after(4))\nlog.append({'step': 6, 'again': True})\n"
   )
-  proc = subprocess.run(
-    [sys.executable, "-c", script],
-    cwd=ROOT,
-    env=_emulator_env(gcs),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
+  proc = _python(gcs, script)
   assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr[-2000:]
   assert [json.loads(line) for line in _read(gcs, "m/metrics.jsonl").splitlines()] == [
     {"step": 2},
@@ -166,15 +171,7 @@ print("after", blob.generation == second, blob.download_as_text())
 blob.delete(if_generation_match=second)
 print("deleted", not blob.exists())
 """
-  proc = subprocess.run(
-    [sys.executable, "-c", script],
-    cwd=ROOT,
-    env=_emulator_env(gcs),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
+  proc = _python(gcs, script)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == [
     "412 412",
@@ -246,15 +243,7 @@ for trial in range(trials):
 
 def test_two_runs_racing_for_a_gs_workdir_never_both_hold_it(gcs):
   port = urllib.parse.urlparse(gcs).port
-  proc = subprocess.run(
-    [sys.executable, "-c", _RACE, str(port), "20", "0.3"],
-    cwd=ROOT,
-    env=_emulator_env(gcs),
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
+  proc = _python(gcs, _RACE, str(port), "20", "0.3", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["1"] * 20  # Exactly one holder in every trial.
 
@@ -274,15 +263,7 @@ held.__exit__(None, None, None)
 print(held.lost, said[0].startswith("error: another run took over gs://{BUCKET}/taken"))
 print(storage.Client(project="p").bucket("{BUCKET}").blob("taken/lock.json").download_as_text())
 """
-  proc = subprocess.run(
-    [sys.executable, "-c", script],
-    cwd=ROOT,
-    env=_emulator_env(gcs),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
+  proc = _python(gcs, script)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == ["True True", '{"token": "other"}']  # The new holder's lock stays.
 
@@ -299,14 +280,6 @@ said = []
 with lock.WorkdirLock(epath.Path("gs://{BUCKET}/damaged"), say=said.append):
   print(said)
 """
-  proc = subprocess.run(
-    [sys.executable, "-c", script],
-    cwd=ROOT,
-    env=_emulator_env(gcs),
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=False,
-  )
+  proc = _python(gcs, script)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.splitlines() == [f"['warning: replacing the unreadable gs://{BUCKET}/damaged/lock.json.']"]
