@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: the pinned Python packages, the offline Fashion-MNIST data (Debian's
 # dataset-fashion-mnist) that the quick start, the tests and CI train on, and the oneDNN CPU
-# layers (nin_jax/onednn.py), built here so that a broken toolchain fails the set-up with the
+# layers (nin_jax/model/onednn.py), built here so that a broken toolchain fails the set-up with the
 # compiler's first error line instead of leaving training on XLA's slower kernels.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,4 +17,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-python -m nin_jax.onednn_build
+python -m nin_jax.model.onednn_build

@@ -2,7 +2,7 @@
 
   python -m benchmarks.torch_nin --model nin_cifar10 --batch_size 128
 
-Built from the same architecture facts as `nin_jax.models` (the `ModelSpec` of a variant:
+Built from the same architecture facts as `nin_jax.model.models` (the `ModelSpec` of a variant:
 kernels, widths, strides, padding, pools, dropout), implemented with PyTorch's own layers:
 1x1 layers as 1x1 convolutions, 3x3/2 pools with Caffe's ceil-mode output size (an average
 window divides by its in-image count), ReLU after every layer, GAP head. Timed with the
@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from nin_jax import models
+from nin_jax.model import models
 
 
 def build(name: str, head: str = "gap") -> nn.Module:

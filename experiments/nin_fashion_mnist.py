@@ -13,7 +13,7 @@ Expected: on an Intel Xeon with AMX: 93.89% top-1 on all 10,000 test images for 
           included; train top-1 ~97.8% at the end. The layers compute in bfloat16
           (parameters float32) on oneDNN: its bfloat16 kernels where they measured faster
           than its float32 ones (AMX, Zen 4: 2.4x the float32 step), else its float32
-          kernels on the bfloat16 values (nin_jax/dtype_probe.py decides at the first run
+          kernels on the bfloat16 values (nin_jax/model/dtype_probe.py decides at the first run
           and the trainer then advises float32, ~10% faster on the Zen 3).
 
 The recipe is tuned for a short CPU budget rather than copied from the paper: no

@@ -5,7 +5,7 @@ Command:  python -m nin_jax.main --config experiments/nin_imagenet.py --workdir 
 Hardware: a TPU slice or GPU hosts; the global batch is split over every device of every host.
 Data:     TFDS `imagenet2012`, prepared from ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar
           placed in --config.manual_dir (default <data_dir>/downloads/manual); for a
-          multi-host run, prepare it once first: python -m nin_jax.imagenet_prepare.
+          multi-host run, prepare it once first: python -m nin_jax.data.imagenet_prepare.
 Recipe (":caffe", the default): SGD momentum 0.9, weight decay 5e-4, lr 0.01 at batch 64 scaled
           linearly with the global batch, x0.1 every 200k iterations, 450k iterations; at
           batch 64 over 1,281,167 images that is x0.1 at epochs 10 and 20 of 22.5, which is

@@ -32,7 +32,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from nin_jax import analysis, checkpointing, configs, dtype_probe, errors, input_pipeline, models, train
+from nin_jax import analysis, configs, errors, train
+from nin_jax.data import input_pipeline
+from nin_jax.model import dtype_probe, models
 
 # The recipes the ablation can train with. `adamw_grid` is this project's: per-head learning
 # rates from a grid on the validation split. `paper_cifar10` is Table 5's: the fixed SGD
@@ -206,7 +208,7 @@ def measure(spec: Spec, workdir: str, wall_seconds: float, *, train_error: bool 
   the first `test_examples` test images (0: all of them)."""
   run = analysis.read_run(workdir, spec.name)
   by_step = {int(r["step"]): 100 * (1 - r["eval_accuracy"]) for r in run.evals}
-  model, _ = checkpointing.load_model(workdir, spec.config)
+  model, _ = analysis.load_model(workdir, spec.config)
   # One load: the run's own training split and the test set (not its validation split),
   # preprocessed with the statistics of the images it trained on.
   whole_test = ml_collections.ConfigDict({**spec.config.to_dict(), "eval_examples": test_examples})

@@ -22,7 +22,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from nin_jax import datasets, input_pipeline, lineage, models
+from nin_jax import configs, lineage
+from nin_jax.data import datasets, input_pipeline
+from nin_jax.model import models
+from nin_jax.run import checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,14 @@ def one_line_per_step(records: list[dict]) -> tuple[dict, ...]:
   """
   latest = {(r["step"], _kind(r)): r for r in records}
   return tuple(sorted(latest.values(), key=lambda r: r["step"]))
+
+
+def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> tuple[models.NIN, int]:
+  """The model of the latest checkpoint in `workdir`, and its step (for notebooks, tests)."""
+  # Shapes only: initialising parameters that the checkpoint overwrites costs seconds.
+  model = nnx.eval_shape(lambda: configs.model_config(config).build(nnx.Rngs(0)))
+  step = checkpointing.restore_params(workdir, model, keep=config.keep_checkpoints)
+  return model, step
 
 
 def dataset_images(config: ml_collections.ConfigDict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:

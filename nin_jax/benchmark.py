@@ -119,7 +119,7 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from nin_jax import onednn  # pylint: disable=g-import-not-at-top
+  from nin_jax.model import onednn  # pylint: disable=g-import-not-at-top
 
   a = jnp.ones((n, n), dtype)
   squares = [jax.jit(lambda x: x @ x)]
@@ -201,7 +201,9 @@ def run(args) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
 
   from nin_jax import job as job_lib  # pylint: disable=g-import-not-at-top
-  from nin_jax import models, onednn, reporting, train
+  from nin_jax import train
+  from nin_jax.model import models, onednn
+  from nin_jax.run import reporting
 
   config = _config(args)
   with tempfile.TemporaryDirectory() as workdir:

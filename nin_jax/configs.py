@@ -75,9 +75,34 @@ def allowed_changes(config: ml_collections.ConfigDict) -> set[str]:
   return {k.strip() for k in config.allow_changes.split(",") if k.strip()}
 
 
+def model_config(config: ml_collections.ConfigDict):
+  """The config's variant (a `models.ModelConfig`) with its data set's classes and channels,
+  checked to fit its images. Here, not in `models`, so that the model knows no data set."""
+  from nin_jax.data import datasets
+  from nin_jax.model import models
+
+  info = datasets.get_info(config.dataset)
+  synthetic = config.dataset == "synthetic"
+  try:
+    spec = models.get_spec(
+      config.model,
+      num_classes=None if synthetic else info.num_classes,
+      in_channels=None if synthetic else info.channels,
+      pool2=config.pool2 or None,
+      dropout=models.dropout_of(config),
+    )
+    image_size = config.image_size or (spec.image_size if synthetic else info.image_size)
+    models.feature_map_size(spec, image_size)
+  except ValueError as e:
+    raise ConfigError(f"{e} (model {config.model} on dataset {config.dataset})") from e
+  return models.ModelConfig(spec, image_size, config)
+
+
 def _validate_choices(config: ml_collections.ConfigDict) -> None:
   """Every key known, every named choice one that its module implements."""
-  from nin_jax import datasets, input_pipeline, layers, models, optim  # Local: config files stay JAX-free.
+  from nin_jax import optim  # Local: config files stay JAX-free.
+  from nin_jax.data import datasets, input_pipeline
+  from nin_jax.model import layers, models
 
   choices = {
     "head": models.HEADS,
@@ -104,7 +129,7 @@ def _validate_choices(config: ml_collections.ConfigDict) -> None:
   if datasets.DATASETS[config.dataset].in_memory:
     augments, preprocesses = input_pipeline.AUGMENTS, input_pipeline.PREPROCESSES
   else:
-    from nin_jax import imagenet  # TensorFlow; only for the streaming data set.
+    from nin_jax.data import imagenet  # TensorFlow; only for the streaming data set.
 
     augments, preprocesses = imagenet.AUGMENTS, imagenet.PREPROCESSES
   if config.augment not in augments:
@@ -117,7 +142,7 @@ def _validate_choices(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1) -> None:
   """Raises ConfigError, in one sentence saying what to change, for any invalid setting."""
-  from nin_jax import datasets  # pylint: disable=g-import-not-at-top
+  from nin_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   _validate_choices(config)
   info = datasets.DATASETS[config.dataset]

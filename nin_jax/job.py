@@ -15,8 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import batches, configs, durations, input_pipeline, lineage, models
-from nin_jax import workdir as workdir_lib
+from nin_jax import configs, durations, lineage
+from nin_jax.data import batches, input_pipeline
+from nin_jax.model import models
+from nin_jax.run import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ def make_job(config: ml_collections.ConfigDict, workdir, devices: list | None) -
   config.eval_batch_size = -(-config.eval_batch_size // len(devices)) * len(devices)
   path = workdir_lib.resolve(workdir)  # Prepared (created, probed) by the caller, before locking it.
   config_changes = lineage.changes(path, config)  # Refuses another run's workdir, writing nothing.
-  model = models.from_config(config)
+  model = configs.model_config(config)
   data = input_pipeline.make_data(
     config,
     image_size=model.image_size,

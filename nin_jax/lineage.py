@@ -22,8 +22,8 @@ import json
 from etils import epath
 
 from nin_jax import configs
-from nin_jax import workdir as workdir_lib
 from nin_jax.errors import ConfigError
+from nin_jax.run import workdir as workdir_lib
 
 HISTORY_FILE = "config_history.jsonl"
 SAFE_TO_CHANGE = frozenset(

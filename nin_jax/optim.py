@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nin_jax import durations, models
+from nin_jax import durations
 from nin_jax.errors import ConfigError
+from nin_jax.model import models
 
 SCHEDULES = ("constant", "step", "cosine")
 OPTIMIZERS = ("sgd", "adamw")

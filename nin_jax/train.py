@@ -30,11 +30,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import batches as batches_lib
-from nin_jax import checkpointing, dtype_probe, lineage, lock, onednn, optim, preemption, reporting, train_metrics
 from nin_jax import job as job_lib
-from nin_jax import workdir as workdir_lib
+from nin_jax import lineage, optim, train_metrics
+from nin_jax.data import batches as batches_lib
 from nin_jax.errors import Interrupted, WorkdirLost
+from nin_jax.model import dtype_probe, onednn
+from nin_jax.run import checkpointing, lock, preemption, reporting
+from nin_jax.run import workdir as workdir_lib
 
 
 def _host_sync():

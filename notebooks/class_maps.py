@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from nin_jax import ablation, analysis, checkpointing, lineage
+from nin_jax import ablation, analysis, lineage
 
 
 records = {r["name"]: r for r in ablation.records(Path(results))}
@@ -55,7 +55,7 @@ def load(name: str):
   if not workdir.is_dir():
     raise FileNotFoundError(f"{workdir} is not here: run notebooks/head_ablation.ipynb with this workdir_root.")
   config = ml_collections.ConfigDict(lineage.effective_config(epath.Path(workdir)))
-  model, step = checkpointing.load_model(str(workdir), config)
+  model, step = analysis.load_model(str(workdir), config)
   print(f"{name}: {workdir}, checkpoint at step {step}")
   return model, config
 

@@ -97,8 +97,9 @@ use_fast_cpu_fusions()  # XLA:CPU's faster dots and reductions; before JAX start
 
 from IPython.display import Markdown, display  # noqa: E402
 
-from nin_jax import ablation, analysis, datasets  # noqa: E402
+from nin_jax import ablation, analysis  # noqa: E402
 from nin_jax import ablation_report as report  # noqa: E402
+from nin_jax.data import datasets  # noqa: E402
 
 RESULTS = Path(results)
 base = ablation.base_config(recipe, dataset=dataset, model=model, dtype=dtype,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nin_jax import checkpointing, configs, datasets
+from nin_jax import analysis, configs
+from nin_jax.data import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fmnist = pytest.mark.skipif(
@@ -100,7 +101,7 @@ def without_timing(records):
 
 
 def flat_params(workdir, config):
-  model, _ = checkpointing.load_model(str(workdir), config)
+  model, _ = analysis.load_model(str(workdir), config)
   params = nnx.state(model, nnx.Param)
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 

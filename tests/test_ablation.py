@@ -8,8 +8,10 @@ import tensorflow_datasets as tfds
 from flax import nnx
 from scipy import stats
 
-from nin_jax import ablation, datasets, models
+from nin_jax import ablation, configs
 from nin_jax import ablation_report as report
+from nin_jax.data import datasets
+from nin_jax.model import models
 from tests.helpers import small_config
 
 
@@ -176,12 +178,12 @@ def test_a_record_stands_only_for_the_config_it_trained(tmp_path):
 
 @pytest.mark.slow
 def test_the_heads_of_a_seed_share_the_body_and_differ_only_in_the_head():
-  built = {head: models.from_config(small_config(head=head, seed=5)).build(nnx.Rngs(5)) for head in models.HEADS}
+  built = {head: configs.model_config(small_config(head=head, seed=5)).build(nnx.Rngs(5)) for head in models.HEADS}
   bodies = {head: nnx.to_pure_dict(nnx.state(m.blocks)) for head, m in built.items()}
   leaves = {head: [x.tolist() for x in __import__("jax").tree.leaves(b)] for head, b in bodies.items()}
   assert leaves["gap"] == leaves["fc"] == leaves["fc_dropout"]
   assert built["gap"].classifier is None and built["fc"].classifier is not None
-  other_seed = nnx.state(models.from_config(small_config(head="gap", seed=6)).build(nnx.Rngs(6)).blocks)
+  other_seed = nnx.state(configs.model_config(small_config(head="gap", seed=6)).build(nnx.Rngs(6)).blocks)
   assert [x.tolist() for x in __import__("jax").tree.leaves(nnx.to_pure_dict(other_seed))] != leaves["gap"]
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nin_jax import analysis, models
+from nin_jax import analysis
+from nin_jax.model import models
 
 
 def test_gap_logits_are_the_means_of_the_captured_class_maps():

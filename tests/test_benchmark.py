@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from nin_jax import benchmark, models
+from nin_jax import benchmark
+from nin_jax.model import models
 from tests.helpers import ROOT, needs_fmnist
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from nin_jax import configs, durations, errors, reporting, workdir
+from nin_jax import configs, durations, errors
+from nin_jax.run import reporting, workdir
 from tests.helpers import small_config
 
 
@@ -119,7 +120,7 @@ def test_launch_doc_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
   from flax import nnx
 
   from experiments import nin_imagenet
-  from nin_jax import models, optim
+  from nin_jax import optim
 
   launch = open(os.path.join(os.path.dirname(__file__), "..", "docs", "launch.md")).read()
   rows = re.findall(r"^\| `(v[0-9a-z]+-\d+)` \| (\d+) \((\d+)\) \| (\d+) \| ([0-9.]+) \|$", launch, re.M)
@@ -127,7 +128,7 @@ def test_launch_doc_tpu_batch_table_follows_the_imagenet_configs_scaling_rule():
   for tpu_type, chips, _, batch, lr in rows:
     config = nin_imagenet.get_config()
     config.batch_size = int(batch)
-    model = models.from_config(config)
+    model = configs.model_config(config)
     params = nnx.state(nnx.eval_shape(lambda: model.build(nnx.Rngs(0))), nnx.Param)  # noqa: B023
     _, schedule = optim.from_config(config, model.spec, params, num_steps=100, steps_per_epoch=10)
     assert float(schedule(0)) == pytest.approx(float(lr)), tpu_type

@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from nin_jax import configs, models
+from nin_jax import configs
+from nin_jax.model import models
 from tests.helpers import ROOT
 
 DOCS = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs")))]
@@ -81,7 +82,7 @@ def test_documented_command_runs_as_written(path, words):
 
 def test_the_per_layer_table_in_docs_is_what_the_command_prints(capsys):
   with open(os.path.join(ROOT, "docs", "models.md"), encoding="utf-8") as f:
-    block = re.search(r"```console\n\$ python -m nin_jax.models nin_imagenet[^\n]*\n(.*?)```", f.read(), re.S)
+    block = re.search(r"```console\n\$ python -m nin_jax.model.models nin_imagenet[^\n]*\n(.*?)```", f.read(), re.S)
   assert block, "docs/models.md lacks the per-layer table of nin_imagenet"
   models.main(["nin_imagenet"])
   assert capsys.readouterr().out.strip() == block.group(1).strip()

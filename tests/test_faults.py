@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from nin_jax import configs, datasets, errors, input_pipeline, lineage, lock, reporting, train, workdir
+from nin_jax import configs, errors, lineage, train
+from nin_jax.data import datasets, input_pipeline
+from nin_jax.run import lock, reporting, workdir
 from tests.helpers import (
   ROOT,
   can_unshare_network,
@@ -426,7 +428,7 @@ def test_an_image_damaged_after_preparation_stops_training_with_one_line_and_ver
   the run resumes and ends, and the damaged validation image is left out of evaluation."""
   write_ilsvrc_tars(str(tmp_path / "manual"), damaged=("n01443537", 2), damaged_val=3)
   config = _imagenet_config(tmp_path, num_train_steps=3)
-  from nin_jax import imagenet_prepare
+  from nin_jax.data import imagenet_prepare
 
   record = imagenet_prepare.prepared_builder(str(tmp_path / "tfds"), str(tmp_path / "manual")).data_dir
   os.remove(os.path.join(record, imagenet_prepare.RECORD))  # As a set prepared by an older version.
@@ -437,7 +439,7 @@ def test_an_image_damaged_after_preparation_stops_training_with_one_line_and_ver
   assert err.strip().splitlines()[-1] == (
     f"error: The train image n01443537_2.JPEG in {record} does not decode (jpeg::Uncompress failed. Invalid JPEG "
     "data or crop window.): the prepared set changed since it was verified, or was never verified. Run "
-    f"`python -m nin_jax.imagenet_prepare --verify --data_dir={tmp_path / 'tfds'}` to record the images to leave "
+    f"`python -m nin_jax.data.imagenet_prepare --verify --data_dir={tmp_path / 'tfds'}` to record the images to leave "
     "out, then run again (training resumes where it stopped)."
   )
   assert "Traceback" not in err
@@ -446,7 +448,7 @@ def test_an_image_damaged_after_preparation_stops_training_with_one_line_and_ver
 
 
 def test_a_damaged_validation_image_found_during_evaluation_is_named(tmp_path):
-  from nin_jax import imagenet, imagenet_prepare
+  from nin_jax.data import imagenet, imagenet_prepare
 
   write_ilsvrc_tars(str(tmp_path / "manual"), per_synset=1, damaged_val=5)
   record = imagenet_prepare.prepared_builder(str(tmp_path / "tfds"), str(tmp_path / "manual")).data_dir
@@ -461,7 +463,7 @@ def test_a_damaged_validation_image_found_during_evaluation_is_named(tmp_path):
 def test_a_stream_of_only_corrupt_images_stops_instead_of_spinning():
   import tensorflow as tf
 
-  from nin_jax import imagenet
+  from nin_jax.data import imagenet
 
   jpeg = tf.io.encode_jpeg(tf.zeros((4, 4, 3), tf.uint8)).numpy()
   mixed = tf.data.Dataset.from_tensor_slices({"image": [jpeg, b"junk", jpeg, b"junk", jpeg]})
@@ -593,7 +595,7 @@ def test_offline_a_missing_data_set_is_reported_within_seconds(tmp_path):
 
 
 def test_hosts_of_a_multi_host_run_do_not_each_build_imagenet(tmp_path, capsys):
-  from nin_jax import imagenet_prepare
+  from nin_jax.data import imagenet_prepare
 
   manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
   write_ilsvrc_tars(str(manual), per_synset=2, num_val=3)
@@ -601,7 +603,7 @@ def test_hosts_of_a_multi_host_run_do_not_each_build_imagenet(tmp_path, capsys):
     errors.DataError,
     match=re.escape(
       f"2 hosts would each build it at once: prepare it once from one machine with `python -m "
-      f"nin_jax.imagenet_prepare --data_dir={data_dir} --manual_dir={manual}`"
+      f"nin_jax.data.imagenet_prepare --data_dir={data_dir} --manual_dir={manual}`"
     ),
   ):
     imagenet_prepare.prepared_builder(str(data_dir), str(manual), process_count=2)
@@ -690,14 +692,14 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_tensorflow_start_up_lines_are_silenced_for_every_entry_point():
-  """`python -m nin_jax.imagenet_prepare` printed TensorFlow's C++ start-up lines (I0000 ...
+  """`python -m nin_jax.data.imagenet_prepare` printed TensorFlow's C++ start-up lines (I0000 ...
   cpu_feature_guard.cc) before its own: the package sets TF_CPP_MIN_LOG_LEVEL first."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   bare = subprocess.run(
     [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True, timeout=120, check=False
   )
   ours = subprocess.run(
-    [sys.executable, "-c", "import nin_jax.imagenet_prepare"],
+    [sys.executable, "-c", "import nin_jax.data.imagenet_prepare"],
     cwd=ROOT,
     env=env,
     capture_output=True,

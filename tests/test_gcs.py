@@ -190,7 +190,7 @@ _RACE = """
 import json, socket, sys, threading, time
 from google.cloud import storage
 from etils import epath
-from nin_jax import lock
+from nin_jax.run import lock
 
 emulator_port, trials, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 
@@ -253,7 +253,7 @@ def test_a_gs_lock_taken_over_behind_a_runs_back_is_lost_at_its_next_heartbeat(g
 import time
 from google.cloud import storage
 from etils import epath
-from nin_jax import lock
+from nin_jax.run import lock
 lock.HEARTBEAT_SECONDS = 0.1
 said = []
 held = lock.WorkdirLock(epath.Path("gs://{BUCKET}/taken"), say=said.append).__enter__()
@@ -274,7 +274,7 @@ def test_an_unreadable_gs_lock_is_replaced_with_a_warning(gcs):
   script = f"""
 from google.cloud import storage
 from etils import epath
-from nin_jax import lock
+from nin_jax.run import lock
 storage.Client(project="p").bucket("{BUCKET}").blob("damaged/lock.json").upload_from_string("{{not json")
 said = []
 with lock.WorkdirLock(epath.Path("gs://{BUCKET}/damaged"), say=said.append):

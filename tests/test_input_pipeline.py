@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nin_jax import datasets, errors, input_pipeline
+from nin_jax import errors
+from nin_jax.data import datasets, input_pipeline
 
 
 def arrays(n=100, size=8, channels=3):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nin_jax import layers
+from nin_jax.model import layers
 
 
 def caffe_pool_reference(x: np.ndarray, kind: str, k: int, s: int, p: int) -> np.ndarray:

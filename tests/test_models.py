@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import models
+from nin_jax.model import models
 from tests.helpers import one_device_env
 
 # Parameter counts, derived by hand from the layer widths: ImageNet from the Caffe model
@@ -199,13 +199,13 @@ def test_readme_models_table_is_generated_from_the_code():
   section = re.search(r"<!-- models:begin -->\n(.*?)\n<!-- models:end -->", readme, re.S)
   assert section, "README.md lacks the generated Models table markers"
   assert section.group(1).strip() == models.models_markdown(), (
-    "README Models table is stale: regenerate with `python -m nin_jax.models --markdown`"
+    "README Models table is stale: regenerate with `python -m nin_jax.model.models --markdown`"
   )
 
 
 def test_module_runs_as_a_script():
   out = subprocess.run(
-    [sys.executable, "-m", "nin_jax.models", "nin_cifar10"], capture_output=True, text=True, check=True
+    [sys.executable, "-m", "nin_jax.model.models", "nin_cifar10"], capture_output=True, text=True, check=True
   ).stdout
   assert out.splitlines()[-2] == "total parameters: 966,986"
 
@@ -228,7 +228,7 @@ if sys.argv[1] == "fast":
   use_fast_cpu_fusions()
 import jax, optax
 from flax import nnx
-from nin_jax import models
+from nin_jax.model import models
 graph, params = nnx.split(models.create_model("nin_mnist", rngs=nnx.Rngs(0)), nnx.Param)
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(8, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 8)

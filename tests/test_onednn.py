@@ -1,4 +1,4 @@
-"""The oneDNN layers (nin_jax/onednn.py) against XLA's plain ones, how they are built, and how they fail.
+"""The oneDNN layers (nin_jax/model/onednn.py) against XLA's plain ones, how they are built, and how they fail.
 
 The test session has 8 virtual devices, where the trainer keeps XLA's kernels; these tests
 call the oneDNN layer directly, switch it on for one unsharded model, or run the trainer in
@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from nin_jax import dtype_probe, layers, models, onednn, onednn_build
+from nin_jax.model import dtype_probe, layers, models, onednn, onednn_build
 from tests.helpers import (
   ROOT,
   flat_params,
@@ -363,7 +363,7 @@ def test_a_broken_source_fails_the_build_with_its_error_line(tmp_path, monkeypat
     onednn_build.load()
   assert onednn_build.main() == 1  # What `bash setup.sh` runs: set-up, and so CI, fail here.
   err = capsys.readouterr().err
-  assert "error:" in err and "python -m nin_jax.onednn_build" in err
+  assert "error:" in err and "python -m nin_jax.model.onednn_build" in err
   assert os.listdir(tmp_path / "cache") == []  # No partial file left behind.
 
 

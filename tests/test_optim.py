@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nin_jax import models, optim
+from nin_jax import optim
+from nin_jax.model import models
 
 
 def test_caffe_multipliers_for_the_cifar_recipe():

@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import compare, torch_nin  # noqa: E402  pylint: disable=g-import-not-at-top
-from nin_jax import models  # noqa: E402
+from nin_jax.model import models  # noqa: E402
 
 pytestmark = pytest.mark.slow  # PyTorch side by side.
 

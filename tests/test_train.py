@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from nin_jax import checkpointing, datasets, errors, input_pipeline, train
+from nin_jax import analysis, errors, train
 from nin_jax import job as job_lib
-from nin_jax import workdir as workdir_lib
+from nin_jax.data import datasets, input_pipeline
+from nin_jax.run import workdir as workdir_lib
 from tests.helpers import (
   ROOT,
   cpu_transfer_guard,
@@ -88,7 +89,7 @@ def test_eval_counts_every_example_once(tmp_path):
   # The same accuracy computed directly, all 300 examples in one batch, from the final parameters.
   arrays = datasets.load_arrays("fashion_mnist")
   _, eval_x = input_pipeline.preprocess(arrays.train_images[:512], arrays.eval_images[:300], "standardize")
-  model, step = checkpointing.load_model(str(tmp_path), config)
+  model, step = analysis.load_model(str(tmp_path), config)
   assert step == 2
   predictions = np.argmax(predict(model, eval_x), -1)
   assert result["eval_accuracy"] == pytest.approx(np.mean(predictions == arrays.eval_labels[:300]), abs=1e-9)
@@ -138,7 +139,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "checkpoint at step 8 could not be restored" in out
   assert "resumed from the checkpoint at step 4" in out
-  model, step = checkpointing.load_model(str(tmp_path), config)  # The damaged step 8 was rewritten.
+  model, step = analysis.load_model(str(tmp_path), config)  # The damaged step 8 was rewritten.
   assert step == 12 and sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
 
 
@@ -245,7 +246,7 @@ def test_tfds_pipelines_train_end_to_end(tmp_path, dataset, model, extra):
   images = np.concatenate([b.images[b.mask == 1] for b in batches])
   labels = np.concatenate([b.labels[b.mask == 1] for b in batches])
   assert result["eval_examples"] == len(labels) == 20
-  logits = predict(checkpointing.load_model(str(workdir), config)[0], images)
+  logits = predict(analysis.load_model(str(workdir), config)[0], images)
   assert result["eval_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-9)
   losses = -jax.nn.log_softmax(logits)[np.arange(20), labels]
   assert result["eval_loss"] == pytest.approx(float(np.mean(losses)), rel=1e-4)

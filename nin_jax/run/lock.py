@@ -27,8 +27,8 @@ import uuid
 
 from etils import epath
 
-from nin_jax import workdir as workdir_lib
 from nin_jax.errors import UserError
+from nin_jax.run import workdir as workdir_lib
 
 LOCK_FILE = "lock.json"
 HEARTBEAT_SECONDS = 30.0

@@ -4,7 +4,7 @@ Orbax writes each checkpoint to a temporary directory and commits it when it is
 complete (a rename on a local disk, a commit marker on GCS), so a run killed
 mid-save never leaves a half-written step behind. `restore` also survives a
 latest checkpoint that was damaged afterwards: it warns and falls back to the
-previous one. `load_model` gives notebooks and tests a trained model.
+previous one. `restore_params` gives notebooks and tests a trained model.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import logging
 import sys
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from nin_jax import models
-from nin_jax import workdir as workdir_lib
 from nin_jax.errors import ConfigError, DataError, SaveFailed, TrainingDiverged
+from nin_jax.run import workdir as workdir_lib
 
 
 def make_manager(workdir: str | epath.Path, *, keep: int) -> ocp.CheckpointManager:
@@ -197,12 +195,13 @@ def _pure_dict(tree):
   return tree
 
 
-def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> tuple[models.NIN, int]:
-  """The model of the latest checkpoint in `workdir`, and its step (for notebooks, tests).
+def restore_params(workdir: str | epath.Path, model: nnx.Module, *, keep: int) -> int:
+  """Fills `model`'s parameters from the latest checkpoint in `workdir`; returns its step.
 
-  Restores onto this process's first device, whatever topology the run was saved from.
+  `model` may be abstract (`nnx.eval_shape`): only its structure is used. Restores onto this
+  process's first device, whatever topology the run was saved from.
   """
-  manager = make_manager(workdir, keep=config.keep_checkpoints)
+  manager = make_manager(workdir, keep=keep)
   try:
     step = manager.latest_step()
     if step is None:
@@ -215,9 +214,7 @@ def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> 
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
-  # Shapes only: initialising parameters that the checkpoint overwrites costs seconds.
-  model = nnx.eval_shape(lambda: models.from_config(config).build(nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, _pure_dict(restored.state["params"]))
   nnx.update(model, params)
-  return model, step
+  return step

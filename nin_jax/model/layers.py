@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nin_jax import dtype_probe, onednn
+from nin_jax.model import dtype_probe, onednn
 
 PoolKind = Literal["max", "avg"]
 POOL_KINDS: tuple[PoolKind, ...] = ("max", "avg")
@@ -74,7 +74,7 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
   float32, the shipped XLA:CPU flags): nin_mnist b64 156.6 -> 143.2 ms, nin_cifar10
   b128 1212 -> 1128 ms, nin_imagenet b32 1186 -> 1109 ms against the 9-view form.
   Where `onednn.max_pool_used_for` (a one-device CPU job, float32 or bfloat16), the pool is
-  oneDNN's instead, with the same result (nin_jax/onednn.py).
+  oneDNN's instead, with the same result (nin_jax/model/onednn.py).
   """
   _, h, w, _ = x.shape
   out_h = caffe_pool_output_size(h, window, stride, padding)
@@ -89,7 +89,7 @@ def pool2d(x: jax.Array, kind: PoolKind, window: int, stride: int, padding: int 
       x,
       window,
       stride,
-      pad[1:3],  # Faster on CPU: see nin_jax/onednn.py.
+      pad[1:3],  # Faster on CPU: see nin_jax/model/onednn.py.
       float32_kernels=dtype_probe.float32_kernels_for(x.dtype),
     )
   if kind == "max":
@@ -155,7 +155,7 @@ class MLPConv(nnx.Module):
     """Each layer with its output (ReLU applied), in order.
 
     On a CPU where `onednn.used_for(x.dtype)`, each layer is one fused oneDNN call
-    (convolution, bias and ReLU; see nin_jax/onednn.py), the same function computed faster;
+    (convolution, bias and ReLU; see nin_jax/model/onednn.py), the same function computed faster;
     like nnx.Conv and nnx.Linear, it casts the parameters to the compute dtype first.
     """
     compute = jnp.dtype(self.conv.dtype or jnp.float32)

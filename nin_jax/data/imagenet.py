@@ -16,8 +16,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from nin_jax import datasets, imagenet_prepare
-from nin_jax.batches import Batch, Data
+from nin_jax.data import datasets, imagenet_prepare
+from nin_jax.data.batches import Batch, Data
 from nin_jax.errors import DataError
 
 tfds = datasets.import_tfds()

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from nin_jax import onednn_build
+from nin_jax.model import onednn_build
 
 SWITCH = "NIN_JAX_ONEDNN"
 Unavailable = onednn_build.Unavailable

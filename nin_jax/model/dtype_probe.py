@@ -1,6 +1,6 @@
 """Which compute dtype is faster on this CPU, measured rather than read off ISA names.
 
-`python -m nin_jax.dtype_probe` prints the measurement. The rule it replaces ("bfloat16 is
+`python -m nin_jax.model.dtype_probe` prints the measurement. The rule it replaces ("bfloat16 is
 slow without AMX") came from a Xeon capped to AVX512-BF16 and was wrong by 2.4x on a Zen 4
 EPYC with the same instructions, so the decision is a timing: one NIN layer (nin_mnist's
 second 5x5 convolution and the 1x1 layer after it, batch 8), forward and backward,
@@ -12,7 +12,7 @@ first run on a machine spends the ~2 s.
 
 It decides two things: whether oneDNN's native bfloat16 kernels are used at all
 (`onednn_bfloat16_native`; else a bfloat16 layer runs on the float32 kernels, see
-nin_jax/onednn.py), and whether a bfloat16 run is told that float32 trains faster here
+nin_jax/model/onednn.py), and whether a bfloat16 run is told that float32 trains faster here
 (`slow_dtype_advice`): wherever bfloat16 measured no faster on the kernels the run uses.
 """
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import onednn, onednn_build
+from nin_jax.model import onednn, onednn_build
 
 # The layer timed: nin_mnist's block 2 (5x5, 96 -> 128 channels at 14x14) and its first 1x1.
 _BATCH, _SIZE, _IN, _OUT, _KERNEL = 8, 14, 96, 128, 5

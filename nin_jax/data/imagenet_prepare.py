@@ -26,7 +26,7 @@ import time
 
 import tensorflow as tf
 
-from nin_jax import datasets
+from nin_jax.data import datasets
 from nin_jax.errors import DataError
 
 tfds = datasets.import_tfds()
@@ -120,7 +120,7 @@ def _part_being_read(error: BaseException) -> str:
 
 def verify_command(builder) -> str:
   """The command that (re)verifies the prepared set of `builder`."""
-  return f"python -m nin_jax.imagenet_prepare --verify --data_dir={builder._data_dir_root}"  # pylint: disable=protected-access
+  return f"python -m nin_jax.data.imagenet_prepare --verify --data_dir={builder._data_dir_root}"  # pylint: disable=protected-access
 
 
 def _decodes(example) -> tf.Tensor:
@@ -200,7 +200,7 @@ def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
     if process_count > 1:
       raise DataError(
         f"imagenet2012 is not prepared in {builder.data_dir}, and {process_count} hosts would each "
-        "build it at once: prepare it once from one machine with `python -m nin_jax.imagenet_prepare "
+        "build it at once: prepare it once from one machine with `python -m nin_jax.data.imagenet_prepare "
         f"--data_dir={data_dir or builder._data_dir_root} --manual_dir={manual_dir}`, then run again."
       )  # pylint: disable=protected-access
     try:
@@ -219,7 +219,7 @@ def prepared_builder(data_dir: str, manual_dir: str, process_count: int = 1):
 
 
 def main(argv=None) -> int:
-  """`python -m nin_jax.imagenet_prepare --data_dir=DIR --manual_dir=DIR`: prepares once."""
+  """`python -m nin_jax.data.imagenet_prepare --data_dir=DIR --manual_dir=DIR`: prepares once."""
   import argparse  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(description="Prepare TFDS imagenet2012 from the two ILSVRC-2012 tars.")

@@ -1,6 +1,6 @@
-"""Builds and loads `native/onednn_conv.cc`, the oneDNN layers of nin_jax/onednn.py.
+"""Builds and loads `native/onednn_conv.cc`, the oneDNN layers of nin_jax/model/onednn.py.
 
-  python -m nin_jax.onednn_build      # what `bash setup.sh` runs: build now, say why not
+  python -m nin_jax.model.onednn_build      # what `bash setup.sh` runs: build now, say why not
 
 The library is compiled with the system C++ compiler against the `onednn-cpu-gomp` wheels
 of requirements.txt and jaxlib's FFI headers (~5 s), once per source, jaxlib, oneDNN
@@ -206,7 +206,7 @@ def main() -> int:
     if expected_here():
       print(
         "oneDNN layers: not built; training would use XLA's kernels (slower on CPU). Fix the line "
-        "above and run `python -m nin_jax.onednn_build` again.",
+        "above and run `python -m nin_jax.model.onednn_build` again.",
         file=sys.stderr,
       )
       return 1

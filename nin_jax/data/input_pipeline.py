@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from nin_jax import datasets
-from nin_jax.batches import Batch, Data, host_slice
+from nin_jax.data import datasets
+from nin_jax.data.batches import Batch, Data, host_slice
 from nin_jax.errors import ConfigError
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -300,6 +300,6 @@ def make_data(
     return _synthetic_data(config, (image_size, image_size, in_channels), num_classes, process_index, process_count)
   if datasets.get_info(config.dataset).in_memory:
     return _in_memory_data(config, process_index, process_count)
-  from nin_jax import imagenet  # tf.data streaming; imported only when used.
+  from nin_jax.data import imagenet  # tf.data streaming; imported only when used.
 
   return imagenet.make_data(config, image_size, process_index, process_count)

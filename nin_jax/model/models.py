@@ -1,6 +1,6 @@
 """The NIN model zoo: faithful variants of the paper and the Caffe model zoo.
 
-`create_model` is the one factory everything else uses. `python -m nin_jax.models
+`create_model` is the one factory everything else uses. `python -m nin_jax.model.models
 NAME` prints a layer table like the paper's (shapes and parameters per layer).
 """
 
@@ -18,8 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from nin_jax import datasets, layers
-from nin_jax.errors import ConfigError
+from nin_jax.model import layers
 
 HEADS = ("gap", "fc", "fc_dropout")
 INITS = ("he", "caffe")
@@ -318,32 +317,14 @@ class ModelConfig:
       image_size=self.image_size,
       in_channels=self.spec.in_channels,
       pool2=c.pool2 or None,
-      dropout=_config_dropout(c),
+      dropout=dropout_of(c),
       rngs=rngs,
     )
 
 
-def _config_dropout(config) -> float | None:
+def dropout_of(config) -> float | None:
+  """A config's `dropout`: negative means the variant's own (the paper's) dropout."""
   return None if config.dropout < 0 else float(config.dropout)
-
-
-def from_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The config's variant with its data set's classes and channels, checked to fit its images."""
-  info = datasets.get_info(config.dataset)
-  synthetic = config.dataset == "synthetic"
-  try:
-    spec = get_spec(
-      config.model,
-      num_classes=None if synthetic else info.num_classes,
-      in_channels=None if synthetic else info.channels,
-      pool2=config.pool2 or None,
-      dropout=_config_dropout(config),
-    )
-    image_size = config.image_size or (spec.image_size if synthetic else info.image_size)
-    feature_map_size(spec, image_size)
-  except ValueError as e:
-    raise ConfigError(f"{e} (model {config.model} on dataset {config.dataset})") from e
-  return ModelConfig(spec, image_size, config)
 
 
 def count_params(module: nnx.Module | None) -> int:
@@ -417,7 +398,9 @@ def models_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m nin_jax.models", description="Print a NIN variant's layer table.")
+  parser = argparse.ArgumentParser(
+    prog="python -m nin_jax.model.models", description="Print a NIN variant's layer table."
+  )
   parser.add_argument("name", nargs="?", help=f"one of: {', '.join(VARIANTS)}")
   parser.add_argument("--image-size", type=int, default=None, help="square input side")
   parser.add_argument("--head", default="gap", help=f"one of: {', '.join(HEADS)}")

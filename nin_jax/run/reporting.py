@@ -11,7 +11,7 @@ import sys
 
 from etils import epath
 
-from nin_jax import workdir as workdir_lib
+from nin_jax.run import workdir as workdir_lib
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_FILE = "metrics.superseded.jsonl"  # Lines of steps a resumed run trained again.
