@@ -124,7 +124,7 @@ def test_gs_workdir_survives_sigterm_and_resumes_exactly(tmp_path, gcs, uninterr
 def test_superseded_metric_lines_move_on_gs_too(gcs):
   """A resume's superseded lines on an object store: both objects are rewritten whole."""
   script = (
-    "from etils import epath\nfrom nin_jax import reporting, workdir\n"
+    "from etils import epath\nfrom nin_jax.run import reporting, workdir\n"
     f"log = reporting.MetricsLog(workdir.resolve('gs://{BUCKET}/m') / 'metrics.jsonl')\n"
     "for step in (2, 4, 6, 8):\n  log.append({'step': step})\n"
     "print(log.supersede_after(4))\nlog.append({'step': 6, 'again': True})\n"

@@ -314,7 +314,7 @@ def test_one_device_run_on_onednn_resumes_bitwise(tmp_path):
 @pytest.mark.slow
 def test_without_a_compiler_training_keeps_xla_after_one_warning(tmp_path):
   script = (
-    "from nin_jax import onednn, models; import jax.numpy as jnp; "
+    "from nin_jax.model import onednn, models; import jax.numpy as jnp; "
     "m = models.create_model('nin_mnist'); print(onednn.enabled(), m(jnp.ones((1, 28, 28, 1))).shape)"
   )
   done = subprocess.run(
