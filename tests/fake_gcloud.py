@@ -203,8 +203,11 @@ class _Cloud:
     return self.state
 
   def __exit__(self, *exc):
-    with open(self.path, "w") as f:
+    # Replaced whole, as a real cloud's state is never seen half-changed: a test reading it
+    # without the lock while a worker's log copy still calls gcloud once read an empty file.
+    with open(self.path + ".new", "w") as f:
       json.dump(self.state, f)
+    os.replace(self.path + ".new", self.path)
     fcntl.flock(self.lock, fcntl.LOCK_UN)
 
 
