@@ -119,12 +119,16 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from nin_jax.model import onednn  # pylint: disable=g-import-not-at-top
+  from nin_jax.model import dtype_probe, onednn  # pylint: disable=g-import-not-at-top
 
   a = jnp.ones((n, n), dtype)
   squares = [jax.jit(lambda x: x @ x)]
   if onednn.used_for(dtype):
-    squares.append(jax.jit(lambda x: onednn.conv_relu(x[None, None], x[None, None], x[0], (1, 1), ((0, 0), (0, 0)))))
+    f32 = dtype_probe.float32_kernels_for(dtype)
+    one_by_one = lambda x: onednn.conv_relu(
+      x[None, None], x[None, None], x[0], (1, 1), ((0, 0),) * 2, float32_kernels=f32
+    )
+    squares.append(jax.jit(one_by_one))
   best = float("inf")
   for square in squares:
     square(a).block_until_ready()

@@ -75,7 +75,9 @@ def test_layer_and_its_gradients_equal_xla(batch, size, cin, cout, k, strides, p
     return jax.nn.relu(y + b)
 
   want, plain_vjp = jax.vjp(plain, x, w, b)
-  got, fused_vjp = jax.vjp(jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding)), x, w, b)
+  got, fused_vjp = jax.vjp(
+    jax.jit(lambda x, w, b: onednn.conv_relu(x, w, b, strides, padding, float32_kernels=False)), x, w, b
+  )
   assert got.shape == want.shape
   assert 0.2 < float(jnp.mean(want > 0)) < 0.8  # The ReLU's mask matters in the gradients below.
   assert _relative_error(got, want) < 1e-5
@@ -400,11 +402,11 @@ def test_a_stale_library_is_rebuilt_once(tmp_path, monkeypatch):
 def test_shapes_that_do_not_make_a_layer_are_python_errors_and_handler_errors():
   x, w, b = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 6)), jnp.ones((6,))
   with pytest.raises(ValueError, match="a bias per output channel"):
-    onednn.conv_relu(x, w, jnp.ones((5,)), (1, 1), ((0, 0), (0, 0)))
+    onednn.conv_relu(x, w, jnp.ones((5,)), (1, 1), ((0, 0), (0, 0)), float32_kernels=False)
   with pytest.raises(ValueError, match="input channels"):
-    onednn.conv_relu(jnp.ones((1, 8, 8, 3)), w, b, (1, 1), ((0, 0), (0, 0)))
+    onednn.conv_relu(jnp.ones((1, 8, 8, 3)), w, b, (1, 1), ((0, 0), (0, 0)), float32_kernels=False)
   with pytest.raises(ValueError, match="all float32 or all bfloat16"):
-    onednn.conv_relu(x, w.astype(jnp.bfloat16), b, (1, 1), ((0, 0), (0, 0)))
+    onednn.conv_relu(x, w.astype(jnp.bfloat16), b, (1, 1), ((0, 0), (0, 0)), float32_kernels=False)
   # Past the Python check, the handler refuses a bias of the wrong width instead of reading past it.
   call = onednn._ffi(onednn._FORWARD, jax.ShapeDtypeStruct((1, 6, 6, 6), jnp.float32))
   with pytest.raises(jax.errors.JaxRuntimeError, match="one element per output channel"):
@@ -430,3 +432,25 @@ def test_a_cgroup_cpu_quota_caps_the_threads(files, quota, tmp_path):
     (tmp_path / name).write_text(text)
   assert onednn._cgroup_quota(tmp_path) == quota
   assert 1 <= onednn.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_benchmark_runs_on_the_onednn_layers_in_either_dtype(dtype):
+  """As a CPU user runs it (one device). Its matmul peak once asked an AVX2 CPU for oneDNN's
+  bfloat16 kernels, which it does not have, and the benchmark died before measuring."""
+  done = subprocess.run(
+    [sys.executable, "-m", "nin_jax.benchmark", "--model", "nin_mnist", "--batch_size", "8", "--dtype", dtype]
+    + ["--steps", "1", "--repeats", "1", "--warmup", "0"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=one_device_env(),
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+  assert [(r["measure"], r["dtype"], r["layers"]) for r in rows] == [
+    (m, dtype, "onednn") for m in ("train_step", "eval_step")
+  ]
+  assert all(r["matmul_peak_flops_per_sec"] > 0 for r in rows)

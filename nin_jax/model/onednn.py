@@ -176,11 +176,13 @@ def conv_relu(
   strides: tuple[int, int],
   padding: tuple[tuple[int, int], tuple[int, int]],
   *,
-  float32_kernels: bool = False,
+  float32_kernels: bool,
 ) -> jax.Array:
   """relu(conv(x, w) + b) for NHWC images and an HWIO kernel, in one oneDNN call; x, w and b
   share one dtype, float32 or bfloat16 (accumulated in float32 either way). `float32_kernels`:
-  bfloat16 operands run on the float32 kernels (where `dtype_probe` measured the native ones slower)."""
+  bfloat16 operands run on the float32 kernels (`dtype_probe.float32_kernels_for`: where the
+  native ones are slower or absent). Required: a caller that forgot it asked an AVX2 CPU for
+  bfloat16 kernels it does not have, and oneDNN refused."""
   if float32_kernels and x.dtype == jnp.bfloat16:
     f32 = jnp.float32
     return native_conv_relu(x.astype(f32), w.astype(f32), b.astype(f32), strides, padding).astype(x.dtype)
@@ -237,7 +239,7 @@ def max_pool(
   stride: int,
   padding: tuple[tuple[int, int], tuple[int, int]],
   *,
-  float32_kernels: bool = False,
+  float32_kernels: bool,
 ) -> jax.Array:
   """A window x window max pool of float32 or bfloat16 NHWC images, in oneDNN; padding never wins.
   Exact in either dtype, so bfloat16 runs on the float32 kernels wherever its layers do."""
