@@ -314,3 +314,20 @@ def choose_learning_rate(grid: list[dict], say=print) -> float:
       "validation error alone: widen the grid or train longer."
     )
   return best["learning_rate"]
+
+
+def rate_beyond_the_edge(grid: list[dict]) -> float | None:
+  """The next rate to try when one head's best healthy grid run lies at the grid's edge: twice
+  the largest rate or half the smallest. A rate chosen at an edge is not a tuned one (the best
+  may lie beyond it); None once a tried rate flanks the best on each side, for a one-rate grid
+  (a fixed rate, not a search) and when every run failed (choose_learning_rate warns then)."""
+  healthy = [r for r in grid if final_validation_error(r) != float("inf")]
+  rates = sorted(r["learning_rate"] for r in grid)
+  if len(rates) < 2 or not healthy:
+    return None
+  best = min(healthy, key=final_validation_error)["learning_rate"]
+  if best == rates[-1]:
+    return 2 * best
+  if best == rates[0]:
+    return best / 2
+  return None

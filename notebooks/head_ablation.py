@@ -55,8 +55,10 @@
 #   of linear warm-up, then a cosine decay to zero.
 # - **Learning rate per head**: each head trains the full setting with every rate of the grid
 #   (seed 0) and keeps the one with the lowest final *validation* error; that run is also seed 0's
-#   run of the table (the same config trains the same numbers). The small setting uses the
-#   head's rate from the full one, so the settings differ in their data only.
+#   run of the table (the same config trains the same numbers). Where the best rate lies at an
+#   edge of the grid, the rate beyond it (×2 or ÷2) is tried too, up to `grid_extensions` times,
+#   so that the chosen rate is flanked by worse ones. The small setting uses the head's rate from
+#   the full one, so the settings differ in their data only.
 # - **Length**: 10 epochs on 50,000 images; 40 on 5,000 (its own plateau: 3,125 steps).
 #   **Convergence** is tested, not assumed: seed 0 of each head and setting trains twice as long,
 #   and converged means its test error lies inside the range of the seeds' errors.
@@ -79,6 +81,7 @@ train_examples = 0  # Full setting: 0 = every training image not held out.
 small_train_examples = 5_000  # Small setting: the first N of those.
 epochs = {"full": 10, "small": 40}  # adamw_grid only; paper_cifar10 keeps its 120k steps.
 learning_rates = [1e-3, 2e-3, 4e-3]  # The grid, per head (adamw_grid only).
+grid_extensions = 2  # Rates tried beyond the grid's edge where its best lies (x2 or /2 each).
 long_factor = 2  # Convergence check: seed 0 of each head and setting trains this much longer (0: skip).
 failure_seeds = [0, 1, 2, 3, 4, 5]  # GAP runs of the failure study (adamw_grid only).
 failure_steps = 600  # The old recipe's length (0.77 epochs of 50,000).
@@ -141,13 +144,23 @@ for seed in failure_seeds if TUNED else []:
 # ## Learning rate per head, on the validation split
 
 # %%
+def grid_run(head, lr):
+  return ablation.run(spec(f"grid-{lr:g}", head, seeds[0], SETTINGS["full"], learning_rate=lr, **length("full")),
+                      workdir_root, RESULTS, test_examples=test_examples)
+
+
 chosen = {}
 for head in heads:
   if not TUNED:
     chosen[head] = base.learning_rate
     continue
-  grid = [ablation.run(spec(f"grid-{lr:g}", head, seeds[0], SETTINGS["full"], learning_rate=lr, **length("full")),
-                       workdir_root, RESULTS, test_examples=test_examples) for lr in learning_rates]
+  grid = [grid_run(head, lr) for lr in learning_rates]
+  for _ in range(grid_extensions):
+    beyond = ablation.rate_beyond_the_edge(grid)
+    if beyond is None:
+      break
+    print(f"{head}: the best rate lies at the grid's edge; trying lr {beyond:g}")
+    grid.append(grid_run(head, beyond))
   chosen[head] = ablation.choose_learning_rate(grid)
 print("chosen learning rates:", chosen)
 

@@ -142,6 +142,23 @@ def test_the_learning_rate_is_chosen_on_validation_error_and_never_from_a_failed
   ]
 
 
+def test_a_best_rate_at_the_grids_edge_asks_for_the_rate_beyond_it():
+  def grid(*validation_errors, rates=(1e-3, 2e-3, 4e-3), failed=()):
+    return [
+      record(f"grid-{lr:g}", "gap", 0, e, lr=lr, validation=e, failed=lr in failed)
+      for lr, e in zip(rates, validation_errors)
+    ]
+
+  # GAP's grid as measured (notebooks/results/runs/grid-*-gap-0.json): falling to the top edge.
+  assert ablation.rate_beyond_the_edge(grid(8.63, 7.88, 7.45)) == 8e-3
+  assert ablation.rate_beyond_the_edge(grid(8.63, 7.88, 7.45, 7.61, rates=(1e-3, 2e-3, 4e-3, 8e-3))) is None
+  assert ablation.rate_beyond_the_edge(grid(7.2, 7.9, 8.4)) == 5e-4
+  assert ablation.rate_beyond_the_edge(grid(8.0, 7.5, 7.9)) is None
+  assert ablation.rate_beyond_the_edge(grid(8.0, 7.5, 7.0, failed=(4e-3,))) is None  # The best healthy is inside.
+  assert ablation.rate_beyond_the_edge(grid(8.0, 7.5, 7.0, failed=(1e-3, 2e-3, 4e-3))) is None  # Nothing to go on.
+  assert ablation.rate_beyond_the_edge(grid(8.0, rates=(3e-3,))) is None  # One rate: fixed, not searched.
+
+
 def test_run_configs_replace_rather_than_merge_and_lengthen_scales_every_duration():
   base = ablation.base_config(
     "adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32", validation_examples=10_000
