@@ -321,11 +321,10 @@ def rate_beyond_the_edge(grid: list[dict]) -> float | None:
   the largest rate or half the smallest. A rate chosen at an edge is not a tuned one (the best
   may lie beyond it); None once a tried rate flanks the best on each side, for a one-rate grid
   (a fixed rate, not a search) and when every run failed (choose_learning_rate warns then)."""
-  healthy = [r for r in grid if final_validation_error(r) != float("inf")]
   rates = sorted(r["learning_rate"] for r in grid)
-  if len(rates) < 2 or not healthy:
+  if len(rates) < 2 or all(final_validation_error(r) == float("inf") for r in grid):
     return None
-  best = min(healthy, key=final_validation_error)["learning_rate"]
+  best = choose_learning_rate(grid)  # The one rule that picks the best, healthy since one is.
   if best == rates[-1]:
     return 2 * best
   if best == rates[0]:
