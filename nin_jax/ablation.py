@@ -3,7 +3,7 @@
 An ablation that takes longer than one working session has to finish over several: every
 run is an ordinary workdir (it resumes where it stopped), and a finished run writes one
 JSON record, `<results>/runs/<name>.json`, holding everything the tables need;
-`notebooks/head_ablation.py` trains only the runs whose record is missing and builds its
+`notebooks/head_ablation.ipynb` trains only the runs whose record is missing and builds its
 tables from the records alone (`assemble` writes them into `head_ablation.json`).
 
 What a record holds, and how it is measured:
@@ -35,6 +35,8 @@ import numpy as np
 from nin_jax import analysis, configs, errors, train
 from nin_jax.data import input_pipeline
 from nin_jax.model import dtype_probe, models
+from nin_jax.run import lock
+from nin_jax.run import workdir as workdir_lib
 
 # The recipes the ablation can train with. `adamw_grid` is this project's: per-head learning
 # rates from a grid on the validation split. `paper_cifar10` is Table 5's: the fixed SGD
@@ -263,8 +265,13 @@ def describe(record: dict) -> str:
 
 def run(
   spec: Spec, workdir_root: str, results: Path, *, train_error: bool = True, test_examples: int = 0, say=print
-) -> dict:
-  """Trains `spec` (resuming its workdir) unless its record exists; returns the record."""
+) -> dict | None:
+  """Trains `spec` (resuming its workdir) unless its record exists; returns the record, or
+  None when another process holds the run's workdir (it trains and records the run).
+
+  So several processes can share one ablation, each taking the runs no other holds: two
+  processes pinned to one core each train more in all than one on both (docs/notebooks.md).
+  """
   path = record_path(results, spec)
   if path.exists():
     return json.loads(path.read_text())
@@ -273,10 +280,19 @@ def run(
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       train.train_and_evaluate(spec.config, workdir)
-    record = measure(spec, workdir, time.perf_counter() - started, train_error=train_error, test_examples=test_examples)
+    with lock.WorkdirLock(workdir_lib.resolve(workdir), say=say):  # One process measures it, too.
+      if path.exists():  # Another process finished it between our check and our lock.
+        return json.loads(path.read_text())
+      record = measure(
+        spec, workdir, time.perf_counter() - started, train_error=train_error, test_examples=test_examples
+      )
+      _write(path, record)
   except errors.TrainingDiverged as e:
     record = diverged_record(spec, e, time.perf_counter() - started)
-  _write(path, record)
+    _write(path, record)
+  except (lock.WorkdirInUse, errors.WorkdirLost):
+    say(f"{spec.name:<26} skipped: another process is training it")
+    return None
   say(describe(record))
   return record
 

@@ -149,44 +149,64 @@ def grid_run(head, lr):
                       workdir_root, RESULTS, test_examples=test_examples)
 
 
-chosen = {}
-for head in heads:
+def tuned_rate(head):
+  """The head's rate from its grid, widened at an edge; None while another process trains part of it."""
   if not TUNED:
-    chosen[head] = base.learning_rate
-    continue
+    return base.learning_rate
   grid = [grid_run(head, lr) for lr in learning_rates]
+  grid = [r or grid_run(head, lr) for r, lr in zip(grid, learning_rates)]  # Finished elsewhere meanwhile?
   for _ in range(grid_extensions):
-    beyond = ablation.rate_beyond_the_edge(grid)
+    beyond = None if None in grid else ablation.rate_beyond_the_edge(grid)
     if beyond is None:
       break
     print(f"{head}: the best rate lies at the grid's edge; trying lr {beyond:g}")
     grid.append(grid_run(head, beyond))
-  chosen[head] = ablation.choose_learning_rate(grid)
+  if None in grid:
+    print(f"{head}: part of its grid trains in another process; its runs wait for it")
+    return None
+  return ablation.choose_learning_rate(grid)
+
+
+chosen = {}
+
+
+def choose_rates():
+  chosen.update({head: rate for head in heads if head not in chosen and (rate := tuned_rate(head)) is not None})
+
+
+choose_rates()
 print("chosen learning rates:", chosen)
 
 # %% [markdown]
 # ## The runs
 #
-# Seed by seed, so that the three heads of a seed train on one machine.
+# Seed by seed, so that the three heads of a seed train on one machine. Several processes
+# can share the work (docs/notebooks.md): each trains the runs no other holds, and a head's
+# runs start once its grid has chosen its rate.
 
 # %%
 for seed in seeds:
+  choose_rates()  # A grid another process was training may have finished.
   for setting, examples in SETTINGS.items():
-    for head in heads:
+    for head in [h for h in heads if h in chosen]:
       main = spec(setting, head, seed, examples, learning_rate=chosen[head], **length(setting))
       if TUNED and setting == "full" and seed == seeds[0] and not ablation.record_path(RESULTS, main).exists():
-        grid_run = spec(f"grid-{chosen[head]:g}", head, seed, examples, learning_rate=chosen[head], **length(setting))
-        ablation.adopt(ablation.run(grid_run, workdir_root, RESULTS, test_examples=test_examples), main,
+        grid_spec = spec(f"grid-{chosen[head]:g}", head, seed, examples, learning_rate=chosen[head], **length(setting))
+        ablation.adopt(ablation.run(grid_spec, workdir_root, RESULTS, test_examples=test_examples), main,
                        RESULTS)  # Already trained.
       ablation.run(main, workdir_root, RESULTS, test_examples=test_examples)
 for setting, examples in SETTINGS.items() if long_factor else []:
-  for head in heads:
+  for head in [h for h in heads if h in chosen]:
     main = spec(setting, head, seeds[0], examples, learning_rate=chosen[head], **length(setting))
     ablation.run(ablation.Spec(f"long-{setting}", head, seeds[0], ablation.lengthen(main.config, long_factor)),
                  workdir_root, RESULTS, test_examples=test_examples)
 records = ablation.records(RESULTS)
+wanted = [f"{s}-{h}-{seed}" for s in SETTINGS for h in heads for seed in seeds]
+wanted += [f"long-{s}-{h}-{seeds[0]}" for s in SETTINGS for h in heads] if long_factor else []
+missing = sorted(set(wanted) - {r["name"] for r in records})
 print(f"{len(records)} records; this session trained for {(time.perf_counter() - started) / 60:.1f} min; "
       f"{sum(r['wall_seconds'] for r in records) / 3600:.2f} h of training in all")
+print(f"{len(missing)} runs still to train" + (f": {', '.join(missing)}" if missing else ""))
 print(f"wrote {ablation.assemble(RESULTS)}")
 
 # %% [markdown]
@@ -238,5 +258,6 @@ for setting, examples in SETTINGS.items():
 # %%
 unconverged = [f"`{h}` ({s})" for s in SETTINGS for h in heads
                if (c := report.convergence(records, s, f"long-{s}", h)) is not None and not c["converged"]]
-display(Markdown(report.conclusion(records, SETTINGS)
+display(Markdown((f"**Provisional**: {len(missing)} runs still to train.\n\n" if missing else "")
+                 + report.conclusion(records, SETTINGS)
                  + ("\n- Not converged by the test above: " + ", ".join(unconverged) + "." if unconverged else "")))

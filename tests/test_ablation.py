@@ -12,6 +12,8 @@ from nin_jax import ablation, configs
 from nin_jax import ablation_report as report
 from nin_jax.data import datasets
 from nin_jax.model import models
+from nin_jax.run import lock
+from nin_jax.run import workdir as workdir_lib
 from tests.helpers import small_config
 
 
@@ -234,6 +236,20 @@ def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   assert again == json.loads(json.dumps(result)) and len(said) == 1
   assembled = json.loads(ablation.assemble(tmp_path / "results").read_text())
   assert [r["name"] for r in assembled] == ["small-gap-0"]
+
+
+def test_a_run_held_by_another_process_is_left_to_it(tmp_path):
+  """Several notebook processes share one ablation: a run whose workdir another live process
+  holds is skipped here: no record, no training, a line that says why."""
+  spec = ablation.Spec("small", "gap", 0, small_config(head="gap", num_train_steps=2, eval_every_steps=0))
+  workdir = tmp_path / "work" / spec.name
+  workdir.mkdir(parents=True)
+  said = []
+  with lock.WorkdirLock(workdir_lib.resolve(workdir)):  # This live process stands for the other one.
+    assert ablation.run(spec, str(tmp_path / "work"), tmp_path / "results", say=said.append) is None
+  assert said == ["small-gap-0                skipped: another process is training it"]
+  assert not ablation.record_path(tmp_path / "results", spec).exists()
+  assert not (workdir / "checkpoints").exists()
 
 
 @pytest.mark.slow

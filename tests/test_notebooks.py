@@ -9,6 +9,8 @@ import nbformat
 import papermill
 import pytest
 
+from nin_jax.run import lock
+from nin_jax.run import workdir as workdir_lib
 from tests.helpers import ROOT, needs_fmnist
 
 pytestmark = pytest.mark.slow  # Notebooks executed by papermill.
@@ -45,34 +47,56 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("XLA_FLAGS", "")  # One device, as a notebook user has.
   root, results = str(tmp_path / "runs"), tmp_path / "results"
-  ablation = nbformat.from_dict(
-    papermill.execute_notebook(
-      os.path.join(NOTEBOOKS, "head_ablation.ipynb"),
-      str(tmp_path / "head_ablation.ipynb"),
-      kernel_name="python3",
-      parameters=dict(
-        heads=["gap", "fc"],
-        seeds=[0],
-        validation_examples=500,
-        train_examples=2048,
-        small_train_examples=512,
-        epochs={"full": 0.25, "small": 0.5},
-        learning_rates=[3e-3],
-        long_factor=0,
-        failure_seeds=[0],
-        failure_steps=4,
-        test_examples=500,
-        results=str(results),
-        workdir_root=root,
-      ),
-      progress_bar=False,
-      cwd=ROOT,
-    )
+
+  parameters = dict(
+    heads=["gap", "fc"],
+    seeds=[0],
+    validation_examples=500,
+    train_examples=2048,
+    small_train_examples=512,
+    epochs={"full": 0.25, "small": 0.5},
+    learning_rates=[3e-3],
+    long_factor=0,
+    failure_seeds=[0],
+    failure_steps=4,
+    test_examples=500,
+    results=str(results),
+    workdir_root=root,
   )
+
+  def run_ablation():
+    return nbformat.from_dict(
+      papermill.execute_notebook(
+        os.path.join(NOTEBOOKS, "head_ablation.ipynb"),
+        str(tmp_path / "head_ablation.ipynb"),
+        kernel_name="python3",
+        parameters=parameters,
+        progress_bar=False,
+        cwd=ROOT,
+      )
+    )
+
+  # Another process trains FC's grid run: this one trains GAP's runs, leaves FC's to it, and says so.
+  held = tmp_path / "runs" / "grid-0.003-fc-0"
+  held.mkdir(parents=True)
+  with lock.WorkdirLock(workdir_lib.resolve(held)):
+    shared = run_ablation()
+  printed = "".join(_outputs(shared, "stream"))
+  assert (
+    "fc: part of its grid trains in another process" in printed and "chosen learning rates: {'gap': 0.003}" in printed
+  )
+  assert "2 runs still to train: full-fc-0, small-fc-0" in printed
+  assert any(t.startswith("**Provisional**: 2 runs") for t in _outputs(shared, "text/markdown"))
+
+  ablation = run_ablation()  # Once the lock is gone, FC's runs train here.
   printed = "".join(_outputs(ablation, "stream"))
   # The failure study's 2 runs, the grid's 2 (filed again as seed 0's full runs), the small setting's 2;
   # the long runs are left out here (tests/test_ablation.py checks their tables).
-  assert "8 records;" in printed and "chosen learning rates: {'gap': 0.003, 'fc': 0.003}" in printed
+  assert (
+    "8 records;" in printed
+    and "0 runs still to train" in printed
+    and "chosen learning rates: {'gap': 0.003, 'fc': 0.003}" in printed
+  )
   assert sorted(p.name for p in (results / "runs").glob("*.json"))[:3] == [
     "failure-old-gap-0.json",
     "failure-old-mult-gap-0.json",
