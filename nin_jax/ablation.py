@@ -31,11 +31,12 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from nin_jax import analysis, configs, errors, train
 from nin_jax.data import input_pipeline
 from nin_jax.model import dtype_probe, models
-from nin_jax.run import lock
+from nin_jax.run import checkpointing, lock
 from nin_jax.run import workdir as workdir_lib
 
 # The recipes the ablation can train with. `adamw_grid` is this project's: per-head learning
@@ -278,23 +279,96 @@ def run(
   workdir = str(Path(workdir_root) / spec.name)
   started = time.perf_counter()
   try:
-    with contextlib.redirect_stdout(io.StringIO()):
-      train.train_and_evaluate(spec.config, workdir)
-    with lock.WorkdirLock(workdir_lib.resolve(workdir), say=say):  # One process measures it, too.
-      if path.exists():  # Another process finished it between our check and our lock.
-        return json.loads(path.read_text())
-      record = measure(
+    record = _train_then_write(
+      spec.config,
+      workdir,
+      path,
+      lambda: measure(
         spec, workdir, time.perf_counter() - started, train_error=train_error, test_examples=test_examples
-      )
-      _write(path, record)
+      ),
+      say,
+    )
   except errors.TrainingDiverged as e:
     record = diverged_record(spec, e, time.perf_counter() - started)
     _write(path, record)
-  except (lock.WorkdirInUse, errors.WorkdirLost):
-    say(f"{spec.name:<26} skipped: another process is training it")
-    return None
-  say(describe(record))
+  if record is not None:
+    say(describe(record))
   return record
+
+
+def _train_then_write(config: ml_collections.ConfigDict, workdir: str, path: Path, measure_it, say) -> dict | None:
+  """Trains `config` in `workdir` (resuming it), then writes `measure_it()` to `path` while
+  holding the workdir's lock, so that of several processes one trains and one measures;
+  None, said in one line, when another process holds the workdir."""
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      train.train_and_evaluate(config, workdir)
+    with lock.WorkdirLock(workdir_lib.resolve(workdir), say=say):
+      if path.exists():  # Another process finished it between our check and our lock.
+        return json.loads(path.read_text())
+      record = measure_it()
+      _write(path, record)
+      return record
+  except (lock.WorkdirInUse, errors.WorkdirLost):
+    say(f"{Path(workdir).name:<26} skipped: another process is training it")
+    return None
+
+
+def trace_path(results: Path, record: dict) -> Path:
+  return Path(results) / "traces" / f"{record['name']}.json"
+
+
+def trace(record: dict, workdir_root: str, results: Path, *, every: int = 10, test_examples: int = 1000, say=print):
+  """When the class maps of a run died: the run trained again from scratch with its own
+  config (the same run, bit for bit, on the same kernels: `reproduced` checks it) and a
+  checkpoint every `every` steps; then, at the initialisation and at every checkpoint, the
+  share of the first `test_examples` test images on which each class map is positive
+  somewhere (`analysis.alive_share`).
+
+  Written to `<results>/traces/<name>.json` (kept apart from the run records, which the
+  tables average); returns it, or None while another process holds the trace's workdir.
+  """
+  path = trace_path(results, record)
+  if path.exists():
+    return json.loads(path.read_text())
+  config = ml_collections.ConfigDict(record["config"])
+  config.checkpoint_every_steps = config.log_every_steps = every  # The rate is logged at every checkpoint.
+  config.keep_checkpoints = 1_000_000  # Every one.
+  workdir = str(Path(workdir_root) / f"trace-{record['name']}")
+  result = _train_then_write(config, workdir, path, lambda: _alive_by_step(record, config, workdir, test_examples), say)
+  if result is not None:
+    say(f"traced {record['name']}: reproduced {result['reproduced']}, {len(result['steps'])} checkpoints")
+  return result
+
+
+def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str, test_examples: int) -> dict:
+  images, _ = analysis.dataset_images(config, "test", test_examples)
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  steps = sorted(manager.all_steps())
+  manager.close()
+
+  def model_at(step):  # Step 0: the initialisation, built as the trainer builds it.
+    if step == 0:
+      return configs.model_config(config).build(nnx.Rngs(config.seed))
+    return analysis.load_model(workdir, config, step=step)[0]
+
+  steps = [0, *steps]
+  alive = [analysis.alive_share(analysis.class_maps(model_at(s), images)[0]).round(2).tolist() for s in steps]
+  run = analysis.read_run(workdir)
+  rate = {int(r["step"]): r["learning_rate"] for r in run.train}
+  original = record["validation_error_by_step"]
+  return {
+    "name": record["name"],
+    "every": config.checkpoint_every_steps,
+    "test_examples": len(images),
+    "steps": steps,
+    "learning_rate": [rate.get(s, 0.0) for s in steps],
+    "alive_share": alive,  # [step][class], %.
+    # The same config gave the same run: its last validation error equals the record's.
+    "reproduced": bool(original) and run.test_error == original[max(original, key=int)],
+    "config": config.to_dict(),
+    "cpu": dtype_probe.cpu_name(),
+  }
 
 
 def records(results: Path) -> list[dict]:

@@ -156,16 +156,88 @@ def failures_table(records: list[dict]) -> str:
 
 def failure_rates(records: list[dict], groups: dict[str, list[str]], head: str = "gap") -> str:
   """Failed / total runs of `head` per group of settings (e.g. the old recipe and the new),
-  and how many of the failures had a class map dead on every test image (the ReLU failure)
-  rather than a class that a live map never made the top score."""
-  lines = [f"| recipe | `{head}` runs | failed | of which a dead class map | share failed |", "|---|---|---|---|---|"]
+  how many of the failures had a class map dead on every test image (the ReLU failure)
+  rather than a class that a live map never made the top score, and Fisher's exact test of
+  each group's failure rate against the first group's."""
+  lines = [
+    f"| recipe | `{head}` runs | failed | of which a dead class map | share failed | p against the first row |",
+    "|---|---|---|---|---|---|",
+  ]
+  counts = []
   for label, settings in groups.items():
     mine = [r for r in records if r["head"] == head and r["setting"] in settings]
     failed = [r for r in mine if r["failed"]]
+    counts.append((len(failed), len(mine)))
     dead_maps = sum(bool(r["dead_classes"]["zero_maps"]) for r in failed)
     share = f"{100 * len(failed) / len(mine):.0f}%" if mine else "–"
-    lines.append(f"| {label} | {len(mine)} | {len(failed)} | {dead_maps} | {share} |")
+    p = (
+      f"{analysis.failure_rate_p_value(*counts[0], *counts[-1]):.2g}"
+      if len(counts) > 1 and mine and counts[0][1]
+      else "–"
+    )
+    lines.append(f"| {label} | {len(mine)} | {len(failed)} | {dead_maps} | {share} | {p} |")
   return "\n".join(lines)
+
+
+def _class_fate(steps: list[int], shares: list[float]) -> tuple[str, int | None]:
+  """How one class map fared over a trace: the steps it was dead at, and the step from which
+  it stayed dead to the end (None if it ended alive)."""
+  dead = [i for i, share in enumerate(shares) if share == 0]
+  if not dead:
+    return "", None
+  spans, start = [], dead[0]
+  for previous, index in zip(dead, [*dead[1:], None]):
+    if index != previous + 1:
+      spans.append(f"{steps[start]}" if start == previous else f"{steps[start]}–{steps[previous]}")
+      start = index
+  stayed = dead[-1] == len(shares) - 1
+  first_of_last = next(i for i in reversed(dead) if i - 1 not in dead) if stayed else None
+  return ", ".join(spans), (steps[first_of_last] if stayed else None)
+
+
+def trace_table(traces: list[dict]) -> str:
+  """Every class map that was dead at some checkpoint of a traced run: the share of test
+  images it was alive on at initialisation, the steps it was dead at, and whether it stayed
+  dead; with the learning rate at the step it died for good."""
+  if not traces:
+    return "No failed run with a dead class map to trace."
+  lines = [
+    "| run | reproduced | class | alive at init (% of images) | dead at steps | died for good at step | lr then |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for t in traces:
+    classes = len(t["alive_share"][0])
+    for c, name in enumerate(analysis.class_names(t["config"]["dataset"], classes)[:classes]):
+      shares = [a[c] for a in t["alive_share"]]
+      spans, for_good = _class_fate(t["steps"], shares)
+      if not spans:
+        continue
+      lr = f"{t['learning_rate'][t['steps'].index(for_good)]:.2g}" if for_good is not None else "–"
+      lines.append(
+        f"| `{t['name']}` | {'yes' if t['reproduced'] else '**no**'} | {c} {name} | {shares[0]:.1f} | {spans} | "
+        f"{for_good if for_good is not None else 'came back'} | {lr} |"
+      )
+  return "\n".join(lines)
+
+
+def trace_summary(traces: list[dict]) -> str:
+  """One sentence from the traces: by which step, at what learning rate, and from how alive
+  a start the class maps that stayed dead had died."""
+  deaths = []
+  for t in traces:
+    for c in range(len(t["alive_share"][0])):
+      _, for_good = _class_fate(t["steps"], [a[c] for a in t["alive_share"]])
+      if for_good is not None:
+        deaths.append((for_good, t["learning_rate"][t["steps"].index(for_good)], t["alive_share"][0][c], t["config"]))
+  if not deaths:
+    return "No traced class map stayed dead."
+  step, _, _, config = max(deaths, key=lambda d: d[0])
+  warmup = f" (its warm-up ends at step {config['warmup_steps']})" if config["warmup_steps"] >= 0 else ""
+  return (
+    f"All {len(deaths)} class maps that stayed dead had died by step {step} of {config['num_train_steps']}"
+    f"{warmup}, at a learning rate of at most {max(d[1] for d in deaths):.2g}; at initialisation each was "
+    f"alive on at least {min(d[2] for d in deaths):.1f}% of the test images."
+  )
 
 
 def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, float]) -> str:

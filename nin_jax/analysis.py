@@ -81,11 +81,13 @@ def one_line_per_step(records: list[dict]) -> tuple[dict, ...]:
   return tuple(sorted(latest.values(), key=lambda r: r["step"]))
 
 
-def load_model(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> tuple[models.NIN, int]:
-  """The model of the latest checkpoint in `workdir`, and its step (for notebooks, tests)."""
+def load_model(
+  workdir: str | epath.Path, config: ml_collections.ConfigDict, step: int | None = None
+) -> tuple[models.NIN, int]:
+  """The model of the checkpoint at `step` in `workdir` (default: the latest), and its step."""
   # Shapes only: initialising parameters that the checkpoint overwrites costs seconds.
   model = nnx.eval_shape(lambda: configs.model_config(config).build(nnx.Rngs(0)))
-  step = checkpointing.restore_params(workdir, model, keep=config.keep_checkpoints)
+  step = checkpointing.restore_params(workdir, model, keep=config.keep_checkpoints, step=step)
   return model, step
 
 
@@ -169,6 +171,14 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
   return {"mean": mean, "low": low, "high": high, "p_value": p_value, "pairs": len(a)}
 
 
+def failure_rate_p_value(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> float:
+  """Two-sided p-value of Fisher's exact test that two recipes fail equally often (counts
+  of failed runs out of runs: too few runs for a normal approximation)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  return float(stats.fisher_exact([[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]).pvalue)
+
+
 def verdict(name_a: str, name_b: str, difference: dict) -> str:
   """What a paired error difference (a - b, in points) decides: a is better (lower error) or
   worse when its interval excludes 0, else the two are not distinguishable at this power."""
@@ -183,13 +193,19 @@ def verdict(name_a: str, name_b: str, difference: dict) -> str:
   return f"{name_a} and {name_b} are not distinguishable at this power: {said}"
 
 
+def alive_share(maps: np.ndarray) -> np.ndarray:
+  """Per class, the share (%) of images on which its map (after its ReLU) is positive
+  somewhere; `maps` is (N, H, W, classes). A map at 0% is dead on these images."""
+  return 100 * (maps.reshape(len(maps), -1, maps.shape[-1]).max(1) > 0).mean(0)
+
+
 def dead_classes(maps: np.ndarray, logits: np.ndarray) -> dict[str, list[int]]:
   """The failure a GAP head can suffer: classes whose map (after its ReLU) is zero on every
   image, so their logit is 0 forever, and classes the model never predicts on these images.
   `maps` is (N, H, W, classes) or None (an FC head has no class maps); `logits` (N, classes)."""
   classes = logits.shape[-1]
   never_predicted = sorted(set(range(classes)) - set(np.argmax(logits, -1).tolist()))
-  zero_maps = [] if maps is None else [int(c) for c in np.flatnonzero(maps.reshape(-1, classes).max(0) <= 0)]
+  zero_maps = [] if maps is None else [int(c) for c in np.flatnonzero(alive_share(maps) == 0)]
   return {"never_predicted": never_predicted, "zero_maps": zero_maps}
 
 

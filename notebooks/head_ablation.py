@@ -85,6 +85,7 @@ grid_extensions = 2  # Rates tried beyond the grid's edge where its best lies (x
 long_factor = 2  # Convergence check: seed 0 of each head and setting trains this much longer (0: skip).
 failure_seeds = [0, 1, 2, 3, 4, 5]  # GAP runs of the failure study (adamw_grid only).
 failure_steps = 600  # The old recipe's length (0.77 epochs of 50,000).
+trace_every = 10  # Failed runs with a dead class map train again, saved this often (0: no trace).
 dtype = "bfloat16"
 test_examples = 0  # The test error on the first N test images (0: all).
 results = "notebooks/results"  # Records: <results>/runs/*.json, then <results>/head_ablation.json.
@@ -128,10 +129,13 @@ started = time.perf_counter()
 # ## Why GAP runs died: the failure study
 #
 # GAP runs under the old recipe (AdamW lr 3e-3, weight decay 5e-4, no body dropout, 50 warm-up
-# steps, 600 steps) against the same with only the per-class layer at 0.1× the learning rate. A
-# class map that goes negative everywhere is zeroed by its ReLU for good, and that class's logit
-# is 0 from then on; a smaller rate on that one layer keeps its first large updates from pushing
-# a map there.
+# steps, 600 steps), and the same with only the per-class layer at 0.1× the learning rate (the
+# Caffe models' rate). The hypothesis under test: a class map that goes negative everywhere is
+# zeroed by its ReLU, its gradient is 0 from then on and so is the class's logit; Adam's first
+# updates move every weight by about the learning rate whatever the gradient's size, which may
+# push a map there before the features it reads have formed. The failure rates of the two arms
+# are compared below, and every run of the study whose map died is trained again, bit for bit,
+# with a checkpoint every `trace_every` steps, to see when its maps died.
 
 # %%
 failure_arms = {"failure-old": {}, "failure-old-mult": {"layer_lr_mults": {ablation.per_class_layer(model): 0.1}}}
@@ -139,6 +143,8 @@ for seed in failure_seeds if TUNED else []:
   for arm, change in failure_arms.items():
     ablation.run(spec(arm, "gap", seed, SETTINGS["full"], steps=failure_steps, **{**ablation.OLD_RECIPE, **change}),
                  workdir_root, RESULTS, train_error=False, test_examples=test_examples)
+dead_map_runs = [r for r in ablation.records(RESULTS) if r["setting"] in failure_arms and r["dead_classes"]["zero_maps"]]
+traces = [t for r in dead_map_runs if trace_every and (t := ablation.trace(r, workdir_root, RESULTS, every=trace_every))]
 
 # %% [markdown]
 # ## Learning rate per head, on the validation split
@@ -235,7 +241,9 @@ for setting, examples in SETTINGS.items():
 display(Markdown(report.failure_rates(records, {
     "old recipe, 600 steps": ["failure-old"], "old recipe + per-class layer at 0.1× lr": ["failure-old-mult"],
     "this recipe (grid, seeds, long runs)": [r["setting"] for r in records if not r["setting"].startswith("failure")]})
-    + "\n\n" + report.failures_table(records)))
+    + "\n\n" + report.failures_table(records)
+    + "\n\n*When the class maps died: the share (%) of 1,000 test images each map is alive on*\n\n"
+    + report.trace_table(traces) + "\n\n" + report.trace_summary(traces)))
 if TUNED:
   display(Markdown("*Final validation error (%) of the learning-rate grid; the chosen rate in bold*\n\n"
                    + report.learning_rate_table([r for r in records if r["setting"].startswith("grid-")], heads, chosen)))

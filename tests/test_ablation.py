@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 from scipy import stats
 
-from nin_jax import ablation, configs
+from nin_jax import ablation, analysis, configs, errors
 from nin_jax import ablation_report as report
 from nin_jax.data import datasets
 from nin_jax.model import models
@@ -113,11 +113,44 @@ def test_failures_are_listed_with_their_diagnosis_and_counted_per_recipe():
     record("grid-0.004", "gap", 0, None, failed=True, diverged=True, lr=4e-3),
   ]
   rates = report.failure_rates(records, {"old": ["failure-old"], "new": ["full", "grid-0.004"]}).splitlines()
-  assert rates[2:] == ["| old | 2 | 1 | 1 | 50% |", "| new | 5 | 2 | 1 | 40% |"]
+  # Fisher, by hand: 3 failures among 7 runs, k of them in the old row's 2 with probability
+  # C(2,k) C(5,3-k) / C(7,3) = 10/35, 20/35, 5/35; the observed k = 1 is the likeliest, so p = 1.
+  assert rates[2:] == ["| old | 2 | 1 | 1 | 50% | – |", "| new | 5 | 2 | 1 | 40% | 1 |"]
   listed = report.failures_table(records)
   assert "| `full-gap-3` | 0.001 | 30.00 | class maps zero on every test image: [3]; never predicted: [3] |" in listed
   assert "| `grid-0.004-gap-0` | 0.004 | – | loss is NaN at step 7 |" in listed
   assert report.failures_table(RECORDS[:3]) == "No run failed."
+
+
+TRACE = {
+  "name": "failure-old-gap-3",
+  "steps": [0, 10, 20, 30, 40],
+  "learning_rate": [0.0, 1e-3, 2e-3, 3e-3, 2.5e-3],
+  "alive_share": [  # [step][class]: 0 lives throughout, 1 dies at 10, 2 dies twice, 3 comes back.
+    [100.0, 80.0, 90.0, 70.0],
+    [100.0, 0.0, 0.0, 0.0],
+    [99.0, 0.0, 50.0, 40.0],
+    [98.0, 0.0, 0.0, 40.0],
+    [97.0, 0.0, 0.0, 41.0],
+  ],
+  "reproduced": True,
+  "config": {"dataset": "fashion_mnist", "num_train_steps": 40, "warmup_steps": 20},
+}
+
+
+def test_a_trace_says_when_each_class_map_died_and_whether_it_came_back():
+  table = report.trace_table([TRACE]).splitlines()
+  assert table[2:] == [
+    "| `failure-old-gap-3` | yes | 1 Trouser | 80.0 | 10–40 | 10 | 0.001 |",
+    "| `failure-old-gap-3` | yes | 2 Pullover | 90.0 | 10, 30–40 | 30 | 0.003 |",
+    "| `failure-old-gap-3` | yes | 3 Dress | 70.0 | 10 | came back | – |",
+  ]
+  assert report.trace_summary([TRACE]) == (
+    "All 2 class maps that stayed dead had died by step 30 of 40 (its warm-up ends at step 20), at a learning "
+    "rate of at most 0.003; at initialisation each was alive on at least 80.0% of the test images."
+  )
+  assert report.trace_table([]) == "No failed run with a dead class map to trace."
+  assert report.trace_summary([{**TRACE, "alive_share": [[1.0] * 4] * 5}]) == "No traced class map stayed dead."
 
 
 def test_the_learning_rate_is_chosen_on_validation_error_and_never_from_a_failed_run():
@@ -250,6 +283,31 @@ def test_a_run_held_by_another_process_is_left_to_it(tmp_path):
   assert said == ["small-gap-0                skipped: another process is training it"]
   assert not ablation.record_path(tmp_path / "results", spec).exists()
   assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_trace_trains_the_run_again_bit_for_bit_and_reads_every_checkpoint(tmp_path):
+  """The traced run is the recorded one (its last validation error is equal, though it saves
+  and logs every 4 steps), and the maps are read at the initialisation and every checkpoint."""
+  config = small_config(
+    head="gap", train_examples=256, validation_examples=500, num_train_steps=-1, num_epochs=1.0, eval_every_steps=0
+  )
+  spec = ablation.Spec("failure-old", "gap", 0, config)
+  results = tmp_path / "results"
+  recorded = ablation.run(spec, str(tmp_path / "work"), results, train_error=False, test_examples=100, say=print)
+  said = []
+  traced = ablation.trace(recorded, str(tmp_path / "work"), results, every=4, test_examples=100, say=said.append)
+  assert traced["reproduced"] is True and traced["steps"] == [0, 4, 8] and traced["test_examples"] == 100
+  assert [len(a) for a in traced["alive_share"]] == [10, 10, 10]
+  assert all(0 <= share <= 100 for a in traced["alive_share"] for share in a)
+  assert traced["learning_rate"][0] == 0.0 and traced["learning_rate"][1] > 0
+  assert said == ["traced failure-old-gap-0: reproduced True, 3 checkpoints"]
+  again = ablation.trace(recorded, "/nonexistent", results, every=4, say=said.append)  # Read, not trained.
+  assert again == json.loads(json.dumps(traced)) and len(said) == 1
+  # A trace is no run record: the tables never average it.
+  assert ablation.records(results) == [json.loads(json.dumps(recorded))]
+  with pytest.raises(errors.DataError, match=r"No checkpoint at step 5 in .*; it has \[4, 8\]"):
+    analysis.load_model(tmp_path / "work" / "trace-failure-old-gap-0", config, step=5)
 
 
 @pytest.mark.slow

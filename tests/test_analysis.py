@@ -1,6 +1,7 @@
 """The helpers the notebooks use, on real numbers."""
 
 import json
+import math
 
 import jax
 import numpy as np
@@ -94,3 +95,13 @@ def test_dead_classes_are_found_in_hand_made_maps():
   logits[:, 0] += np.array([1.0, 1.0, 1.0, 1.0])  # Class 0 always wins: 1 and 2 are never predicted.
   assert analysis.dead_classes(maps, logits) == {"never_predicted": [1, 2], "zero_maps": [1]}
   assert analysis.dead_classes(None, np.eye(3)) == {"never_predicted": [], "zero_maps": []}
+  maps[1:, ..., 2] = 0.0  # Class 2's map now lives on image 0 only: 1 of 4 images.
+  assert analysis.alive_share(maps).tolist() == [100.0, 0.0, 25.0]
+
+
+def test_fishers_exact_test_matches_the_hypergeometric_sum_by_hand():
+  # 6 of 12 runs failed against 0 of 12: of the 6 failures, all 6 in the first row has probability
+  # C(12,6) C(12,0) / C(24,6) = 924 / 134596; the table as extreme the other way (0 and 6) as much.
+  p = 2 * math.comb(12, 6) / math.comb(24, 6)
+  assert analysis.failure_rate_p_value(6, 12, 0, 12) == pytest.approx(p) == pytest.approx(0.0137300, abs=1e-7)
+  assert analysis.failure_rate_p_value(3, 6, 3, 6) == pytest.approx(1.0)

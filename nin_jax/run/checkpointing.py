@@ -195,17 +195,21 @@ def _pure_dict(tree):
   return tree
 
 
-def restore_params(workdir: str | epath.Path, model: nnx.Module, *, keep: int) -> int:
-  """Fills `model`'s parameters from the latest checkpoint in `workdir`; returns its step.
+def restore_params(workdir: str | epath.Path, model: nnx.Module, *, keep: int, step: int | None = None) -> int:
+  """Fills `model`'s parameters from the checkpoint at `step` in `workdir` (default: the
+  latest); returns its step.
 
   `model` may be abstract (`nnx.eval_shape`): only its structure is used. Restores onto this
   process's first device, whatever topology the run was saved from.
   """
   manager = make_manager(workdir, keep=keep)
   try:
-    step = manager.latest_step()
+    if step is None:
+      step = manager.latest_step()
     if step is None:
       raise DataError(f"No checkpoint in {manager.directory}; train first.")
+    if step not in manager.all_steps():
+      raise DataError(f"No checkpoint at step {step} in {manager.directory}; it has {sorted(manager.all_steps())}.")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     saved = _saved_state_metadata(manager, step)
     target = jax.tree.map(
