@@ -347,10 +347,8 @@ def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str
   steps = sorted(manager.all_steps())
   manager.close()
 
-  def model_at(step):  # Step 0: the initialisation, built as the trainer builds it.
-    if step == 0:
-      return configs.model_config(config).build(nnx.Rngs(config.seed))
-    return analysis.load_model(workdir, config, step=step)[0]
+  def model_at(step):  # Step 0: the initialisation.
+    return initial_model(config) if step == 0 else analysis.load_model(workdir, config, step=step)[0]
 
   steps = [0, *steps]
   alive = [analysis.alive_share(analysis.class_maps(model_at(s), images)[0]).round(2).tolist() for s in steps]
@@ -369,6 +367,30 @@ def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str
     "config": config.to_dict(),
     "cpu": dtype_probe.cpu_name(),
   }
+
+
+def initial_model(config: ml_collections.ConfigDict) -> models.NIN:
+  """The model as the trainer initialises it for `config` (from its seed)."""
+  return configs.model_config(config).build(nnx.Rngs(config.seed))
+
+
+def alive_at_init(
+  config: ml_collections.ConfigDict, seeds: list[int], results: Path, *, test_examples: int = 1000
+) -> dict[str, list[float]]:
+  """Per seed, the share (%) of the first `test_examples` test images each class map is
+  alive on at initialisation, before any update: no training, so many seeds cost seconds.
+  Written to `<results>/traces/init.json` (read back while the seeds are the same)."""
+  path = Path(results) / "traces" / "init.json"
+  if path.exists() and list(json.loads(path.read_text())) == [str(s) for s in seeds]:
+    return json.loads(path.read_text())
+  images, _ = analysis.dataset_images(config, "test", test_examples)
+  alive = {}
+  for seed in seeds:
+    seeded = ml_collections.ConfigDict({**config.to_dict(), "seed": seed})
+    alive[str(seed)] = analysis.alive_share(analysis.class_maps(initial_model(seeded), images)[0]).round(2).tolist()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(alive, indent=1) + "\n")
+  return alive
 
 
 def records(results: Path) -> list[dict]:

@@ -240,6 +240,27 @@ def trace_summary(traces: list[dict]) -> str:
   )
 
 
+def init_table(alive: dict[str, list[float]], dataset: str, below: float = 5.0) -> str:
+  """Per seed, the class maps dead (0%) or alive on fewer than `below`% of the test images at
+  initialisation, and how many seeds start with a dead one."""
+  if not alive:
+    return "No seed was read at initialisation."
+  classes = len(next(iter(alive.values())))
+  names = analysis.class_names(dataset, classes)[:classes]
+  lines = [
+    f"| seed | class maps dead at initialisation | alive on fewer than {below:g}% of the images |",
+    "|---|---|---|",
+  ]
+  dead_seeds = 0
+  for seed, shares in alive.items():
+    dead = [f"{c} {names[c]}" for c, share in enumerate(shares) if share == 0]
+    weak = [f"{c} {names[c]} ({share:.1f}%)" for c, share in enumerate(shares) if 0 < share < below]
+    dead_seeds += bool(dead)
+    if dead or weak:
+      lines.append(f"| {seed} | {', '.join(dead) or '–'} | {', '.join(weak) or '–'} |")
+  return "\n".join(lines) + f"\n\n{dead_seeds} of {len(alive)} seeds start with a class map dead on every image."
+
+
 def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, float]) -> str:
   """Final validation error of every grid run, the chosen rate per head in bold."""
   rates = sorted({r["learning_rate"] for r in grid})

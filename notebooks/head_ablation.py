@@ -86,6 +86,7 @@ long_factor = 2  # Convergence check: seed 0 of each head and setting trains thi
 failure_seeds = [0, 1, 2, 3, 4, 5]  # GAP runs of the failure study (adamw_grid only).
 failure_steps = 600  # The old recipe's length (0.77 epochs of 50,000).
 trace_every = 10  # Failed runs with a dead class map train again, saved this often (0: no trace).
+init_seeds = 20  # Seeds whose class maps are read at initialisation, untrained (seconds each).
 dtype = "bfloat16"
 test_examples = 0  # The test error on the first N test images (0: all).
 results = "notebooks/results"  # Records: <results>/runs/*.json, then <results>/head_ablation.json.
@@ -135,7 +136,8 @@ started = time.perf_counter()
 # updates move every weight by about the learning rate whatever the gradient's size, which may
 # push a map there before the features it reads have formed. The failure rates of the two arms
 # are compared below, and every run of the study whose map died is trained again, bit for bit,
-# with a checkpoint every `trace_every` steps, to see when its maps died.
+# with a checkpoint every `trace_every` steps, to see when its maps died; the maps of
+# `init_seeds` seeds are read at initialisation too (every recipe initialises alike).
 
 # %%
 failure_arms = {"failure-old": {}, "failure-old-mult": {"layer_lr_mults": {ablation.per_class_layer(model): 0.1}}}
@@ -145,6 +147,8 @@ for seed in failure_seeds if TUNED else []:
                  workdir_root, RESULTS, train_error=False, test_examples=test_examples)
 dead_map_runs = [r for r in ablation.records(RESULTS) if r["setting"] in failure_arms and r["dead_classes"]["zero_maps"]]
 traces = [t for r in dead_map_runs if trace_every and (t := ablation.trace(r, workdir_root, RESULTS, every=trace_every))]
+old_recipe = spec("init", "gap", 0, SETTINGS["full"], steps=failure_steps, **ablation.OLD_RECIPE).config
+initial = ablation.alive_at_init(old_recipe, list(range(init_seeds if TUNED else 0)), RESULTS)  # Alike in every recipe.
 
 # %% [markdown]
 # ## Learning rate per head, on the validation split
@@ -243,7 +247,9 @@ display(Markdown(report.failure_rates(records, {
     "this recipe (grid, seeds, long runs)": [r["setting"] for r in records if not r["setting"].startswith("failure")]})
     + "\n\n" + report.failures_table(records)
     + "\n\n*When the class maps died: the share (%) of 1,000 test images each map is alive on*\n\n"
-    + report.trace_table(traces) + "\n\n" + report.trace_summary(traces)))
+    + report.trace_table(traces) + "\n\n" + report.trace_summary(traces)
+    + "\n\n*Class maps dead or nearly so at initialisation, before any update (1,000 test images)*\n\n"
+    + report.init_table(initial, dataset)))
 if TUNED:
   display(Markdown("*Final validation error (%) of the learning-rate grid; the chosen rate in bold*\n\n"
                    + report.learning_rate_table([r for r in records if r["setting"].startswith("grid-")], heads, chosen)))

@@ -153,6 +153,18 @@ def test_a_trace_says_when_each_class_map_died_and_whether_it_came_back():
   assert report.trace_summary([{**TRACE, "alive_share": [[1.0] * 4] * 5}]) == "No traced class map stayed dead."
 
 
+def test_the_maps_dead_at_initialisation_are_listed_per_seed():
+  alive = {"0": [100.0, 21.6, 100.0], "5": [100.0, 0.0, 4.9], "9": [0.0, 0.0, 100.0], "11": [13.6, 100.0, 1.2]}
+  assert report.init_table(alive, "fashion_mnist").splitlines()[2:] == [
+    "| 5 | 1 Trouser | 2 Pullover (4.9%) |",
+    "| 9 | 0 T-shirt/top, 1 Trouser | – |",
+    "| 11 | – | 2 Pullover (1.2%) |",
+    "",
+    "2 of 4 seeds start with a class map dead on every image.",
+  ]
+  assert report.init_table({}, "fashion_mnist") == "No seed was read at initialisation."
+
+
 def test_the_learning_rate_is_chosen_on_validation_error_and_never_from_a_failed_run():
   grid = [
     record("grid-0.001", "gap", 0, 9.0, lr=1e-3, validation=11.0),

@@ -59,6 +59,7 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
     long_factor=0,
     failure_seeds=[0],
     failure_steps=4,
+    init_seeds=2,
     test_examples=500,
     results=str(results),
     workdir_root=root,
