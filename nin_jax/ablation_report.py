@@ -221,23 +221,31 @@ def trace_table(traces: list[dict]) -> str:
 
 
 def trace_summary(traces: list[dict]) -> str:
-  """One sentence from the traces: by which step, at what learning rate, and from how alive
-  a start the class maps that stayed dead had died."""
-  deaths = []
+  """One sentence from the traces: the maps that died for good after initialisation (how
+  alive they started, by which step and at what learning rate they died), those dead from
+  the start, and those that died and came back."""
+  died, from_start, came_back = [], 0, 0
   for t in traces:
     for c in range(len(t["alive_share"][0])):
-      _, for_good = _class_fate(t["steps"], [a[c] for a in t["alive_share"]])
-      if for_good is not None:
-        deaths.append((for_good, t["learning_rate"][t["steps"].index(for_good)], t["alive_share"][0][c], t["config"]))
-  if not deaths:
-    return "No traced class map stayed dead."
-  step, _, _, config = max(deaths, key=lambda d: d[0])
-  warmup = f" (its warm-up ends at step {config['warmup_steps']})" if config["warmup_steps"] >= 0 else ""
-  return (
-    f"All {len(deaths)} class maps that stayed dead had died by step {step} of {config['num_train_steps']}"
-    f"{warmup}, at a learning rate of at most {max(d[1] for d in deaths):.2g}; at initialisation each was "
-    f"alive on at least {min(d[2] for d in deaths):.1f}% of the test images."
-  )
+      spans, for_good = _class_fate(t["steps"], [a[c] for a in t["alive_share"]])
+      came_back += bool(spans) and for_good is None
+      from_start += for_good == 0
+      if for_good:
+        died.append((for_good, t["learning_rate"][t["steps"].index(for_good)], t["alive_share"][0][c], t["config"]))
+  parts = []
+  if died:
+    step, _, _, config = max(died, key=lambda d: d[0])
+    warmup = f" (its warm-up ends at step {config['warmup_steps']})" if config["warmup_steps"] >= 0 else ""
+    parts.append(
+      f"{len(died)} class maps alive at initialisation (on at least {min(d[2] for d in died):.1f}% of the test "
+      f"images) died for good by step {step} of {config['num_train_steps']}{warmup}, at a learning rate of at "
+      f"most {max(d[1] for d in died):.2g}"
+    )
+  if from_start:
+    parts.append(f"{from_start} {'was' if from_start == 1 else 'were'} dead at initialisation and never came back")
+  if came_back:
+    parts.append(f"{came_back} died and came back")
+  return "; ".join(parts) + "." if parts else "No traced class map died."
 
 
 def init_table(alive: dict[str, list[float]], dataset: str, below: float = 5.0) -> str:

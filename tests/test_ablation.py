@@ -146,11 +146,14 @@ def test_a_trace_says_when_each_class_map_died_and_whether_it_came_back():
     "| `failure-old-gap-3` | yes | 3 Dress | 70.0 | 10 | came back | – |",
   ]
   assert report.trace_summary([TRACE]) == (
-    "All 2 class maps that stayed dead had died by step 30 of 40 (its warm-up ends at step 20), at a learning "
-    "rate of at most 0.003; at initialisation each was alive on at least 80.0% of the test images."
+    "2 class maps alive at initialisation (on at least 80.0% of the test images) died for good by step 30 of 40 "
+    "(its warm-up ends at step 20), at a learning rate of at most 0.003; 1 died and came back."
   )
+  dead_from_start = {**TRACE, "alive_share": [[0.0, *a[1:]] for a in TRACE["alive_share"]]}
+  said = report.trace_summary([dead_from_start])
+  assert said.endswith("; 1 was dead at initialisation and never came back; 1 died and came back.")
   assert report.trace_table([]) == "No failed run with a dead class map to trace."
-  assert report.trace_summary([{**TRACE, "alive_share": [[1.0] * 4] * 5}]) == "No traced class map stayed dead."
+  assert report.trace_summary([{**TRACE, "alive_share": [[1.0] * 4] * 5}]) == "No traced class map died."
 
 
 def test_the_maps_dead_at_initialisation_are_listed_per_seed():
