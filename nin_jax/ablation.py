@@ -381,8 +381,9 @@ def alive_at_init(
   alive on at initialisation, before any update: no training, so many seeds cost seconds.
   Written to `<results>/traces/init.json` (read back while the seeds are the same)."""
   path = Path(results) / "traces" / "init.json"
-  if path.exists() and list(json.loads(path.read_text())) == [str(s) for s in seeds]:
-    return json.loads(path.read_text())
+  saved = json.loads(path.read_text()) if path.exists() else {}
+  if list(saved) == [str(s) for s in seeds]:
+    return saved
   images, _ = analysis.dataset_images(config, "test", test_examples)
   alive = {}
   for seed in seeds:
