@@ -31,7 +31,6 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from nin_jax import analysis, configs, errors, train
 from nin_jax.data import input_pipeline
@@ -371,7 +370,7 @@ def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str
 
 def initial_model(config: ml_collections.ConfigDict) -> models.NIN:
   """The model as the trainer initialises it for `config` (from its seed)."""
-  return configs.model_config(config).build(nnx.Rngs(config.seed))
+  return configs.model_config(config).initial()
 
 
 def alive_at_init(

@@ -154,7 +154,7 @@ class Trainer:
     )
 
   def _init_state(self):
-    params = nnx.state(self.job.model.build(nnx.Rngs(self.job.config.seed)), nnx.Param)
+    params = nnx.state(self.job.model.initial(), nnx.Param)
     return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   def init_state(self):

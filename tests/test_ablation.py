@@ -3,12 +3,13 @@ hand-made records whose numbers were worked out by hand."""
 
 import json
 
+import jax
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 from scipy import stats
 
-from nin_jax import ablation, analysis, configs, errors
+from nin_jax import ablation, analysis, errors
 from nin_jax import ablation_report as report
 from nin_jax.data import datasets
 from nin_jax.model import models
@@ -245,13 +246,13 @@ def test_a_record_stands_only_for_the_config_it_trained(tmp_path):
 
 @pytest.mark.slow
 def test_the_heads_of_a_seed_share_the_body_and_differ_only_in_the_head():
-  built = {head: configs.model_config(small_config(head=head, seed=5)).build(nnx.Rngs(5)) for head in models.HEADS}
+  built = {head: ablation.initial_model(small_config(head=head, seed=5)) for head in models.HEADS}
   bodies = {head: nnx.to_pure_dict(nnx.state(m.blocks)) for head, m in built.items()}
-  leaves = {head: [x.tolist() for x in __import__("jax").tree.leaves(b)] for head, b in bodies.items()}
+  leaves = {head: [x.tolist() for x in jax.tree.leaves(b)] for head, b in bodies.items()}
   assert leaves["gap"] == leaves["fc"] == leaves["fc_dropout"]
   assert built["gap"].classifier is None and built["fc"].classifier is not None
-  other_seed = nnx.state(configs.model_config(small_config(head="gap", seed=6)).build(nnx.Rngs(6)).blocks)
-  assert [x.tolist() for x in __import__("jax").tree.leaves(nnx.to_pure_dict(other_seed))] != leaves["gap"]
+  other_seed = nnx.state(ablation.initial_model(small_config(head="gap", seed=6)).blocks)
+  assert [x.tolist() for x in jax.tree.leaves(nnx.to_pure_dict(other_seed))] != leaves["gap"]
 
 
 @pytest.mark.slow

@@ -321,6 +321,12 @@ class ModelConfig:
       rngs=rngs,
     )
 
+  def initial(self) -> NIN:
+    """The model as training starts from it, seeded by the config's `seed`: the one place
+    the trainer and the ablation's traces both initialise through, so a trace's step 0 is
+    the run's own."""
+    return self.build(nnx.Rngs(self.config.seed))
+
 
 def dropout_of(config) -> float | None:
   """A config's `dropout`: negative means the variant's own (the paper's) dropout."""
