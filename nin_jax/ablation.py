@@ -32,7 +32,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from nin_jax import analysis, configs, errors, train
+from nin_jax import ablation_report, analysis, configs, errors, train
 from nin_jax.data import input_pipeline
 from nin_jax.model import dtype_probe, models
 from nin_jax.run import checkpointing, lock
@@ -252,10 +252,9 @@ def describe(record: dict) -> str:
   """One line per finished run, as the notebook prints it."""
   if record["diverged"]:
     return f"{record['name']:<26} FAILED: {record['diagnosis']}  ({record['wall_seconds']:.0f} s)"
-  validation = list(record["validation_error_by_step"].values())
   train_error = record["train_error"]
   return (
-    f"{record['name']:<26} validation {validation[-1] if validation else float('nan'):5.2f}%  "
+    f"{record['name']:<26} validation {ablation_report.last_validation_error(record):5.2f}%  "
     f"test {record['test_error']:5.2f}%"
     + (f"  train {train_error:5.2f}%" if train_error is not None else "")
     + (f"  FAILED: {json.dumps(record['dead_classes'])}" if record["failed"] else "")
@@ -353,7 +352,6 @@ def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str
   alive = [analysis.alive_share(analysis.class_maps(model_at(s), images)[0]).round(2).tolist() for s in steps]
   run = analysis.read_run(workdir)
   rate = {int(r["step"]): r["learning_rate"] for r in run.train}
-  original = record["validation_error_by_step"]
   return {
     "name": record["name"],
     "every": config.checkpoint_every_steps,
@@ -362,7 +360,7 @@ def _alive_by_step(record: dict, config: ml_collections.ConfigDict, workdir: str
     "learning_rate": [rate.get(s, 0.0) for s in steps],
     "alive_share": alive,  # [step][class], %.
     # The same config gave the same run: its last validation error equals the record's.
-    "reproduced": bool(original) and run.test_error == original[max(original, key=int)],
+    "reproduced": run.test_error == ablation_report.last_validation_error(record),
     "config": config.to_dict(),
     "cpu": dtype_probe.cpu_name(),
   }
@@ -406,10 +404,9 @@ def assemble(results: Path) -> Path:
 
 def final_validation_error(record: dict) -> float:
   """The validation error after the last epoch (inf for a failed run: never chosen)."""
-  by_step = record["validation_error_by_step"]
-  if record["failed"] or not by_step:
+  if record["failed"] or not record["validation_error_by_step"]:
     return float("inf")
-  return by_step[max(by_step, key=int)]
+  return ablation_report.last_validation_error(record)
 
 
 def choose_learning_rate(grid: list[dict], say=print) -> float:
@@ -420,7 +417,7 @@ def choose_learning_rate(grid: list[dict], say=print) -> float:
     healthy = [r for r in grid if r["validation_error_by_step"]]
     if not healthy:
       raise ValueError(f"every grid run of head {best['head']!r} diverged; lower the learning-rate grid.")
-    best = min(healthy, key=lambda r: r["validation_error_by_step"][max(r["validation_error_by_step"], key=int)])
+    best = min(healthy, key=ablation_report.last_validation_error)
     say(
       f"warning: every grid run of head {best['head']!r} failed; chose lr {best['learning_rate']:g} by "
       "validation error alone: widen the grid or train longer."

@@ -16,6 +16,13 @@ PAPER_CIFAR10 = {"fc": 11.59, "fc_dropout": 10.88, "gap": 10.41}  # Table 5, tes
 COMPARISONS = (("gap", "fc"), ("gap", "fc_dropout"))  # The paper's claim: GAP has the lower error.
 
 
+def last_validation_error(record: dict) -> float:
+  """The validation error at the run's last evaluated step (NaN if none). By step, never by
+  position: records are written with sorted keys, so "936" follows "3120" in the file."""
+  by_step = record["validation_error_by_step"]
+  return by_step[max(by_step, key=int)] if by_step else float("nan")
+
+
 def runs_of(records: list[dict], setting: str, head: str | None = None) -> list[dict]:
   return sorted((r for r in records if r["setting"] == setting and head in (None, r["head"])), key=lambda r: r["seed"])
 
@@ -281,7 +288,7 @@ def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, fl
         cells.append("–")
         continue
       r = found[0]
-      text = "failed" if r["failed"] else f"{list(r['validation_error_by_step'].values())[-1]:.2f}"
+      text = "failed" if r["failed"] else f"{last_validation_error(r):.2f}"
       cells.append(f"**{text}**" if chosen.get(head) == lr else text)
     lines.append(f"| `{head}` | " + " | ".join(cells) + " |")
   return "\n".join(lines)

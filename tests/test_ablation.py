@@ -2,6 +2,7 @@
 hand-made records whose numbers were worked out by hand."""
 
 import json
+import math
 
 import jax
 import pytest
@@ -31,24 +32,32 @@ def record(
   validation: float = 12.0,
   diverged: bool = False,
 ) -> dict:
-  return {
-    "name": f"{setting}-{head}-{seed}",
-    "setting": setting,
-    "head": head,
-    "seed": seed,
-    "learning_rate": lr,
-    "test_error": test,
-    "train_error": train,
-    "true_class_strongest_map": share,
-    "failed": failed,
-    "diverged": diverged,
-    "diagnosis": "loss is NaN at step 7" if diverged else "",
-    "validation_error_by_step": {} if diverged else {"100": validation + 5, "200": validation},
-    "dead_classes": {
-      "never_predicted": [3] if failed and not diverged else [],
-      "zero_maps": [3] if failed and not diverged else [],
-    },
-  }
+  """A record as `ablation` writes it to disk: sorted keys, so step "90" comes after "180"."""
+  return _as_written(
+    {
+      "name": f"{setting}-{head}-{seed}",
+      "setting": setting,
+      "head": head,
+      "seed": seed,
+      "learning_rate": lr,
+      "test_error": test,
+      "train_error": train,
+      "true_class_strongest_map": share,
+      "failed": failed,
+      "diverged": diverged,
+      "diagnosis": "loss is NaN at step 7" if diverged else "",
+      "validation_error_by_step": {} if diverged else {"90": validation + 5, "180": validation},
+      "dead_classes": {
+        "never_predicted": [3] if failed and not diverged else [],
+        "zero_maps": [3] if failed and not diverged else [],
+      },
+      "wall_seconds": 60.0,
+    }
+  )
+
+
+def _as_written(record: dict) -> dict:
+  return json.loads(json.dumps(record, sort_keys=True))
 
 
 RECORDS = (
@@ -191,6 +200,19 @@ def test_the_learning_rate_is_chosen_on_validation_error_and_never_from_a_failed
     "|---|---|---|---|",
     "| `gap` | 11.00 | **10.00** | failed |",
   ]
+
+
+def test_a_record_read_back_from_disk_reports_its_last_steps_validation_error():
+  # Written with sorted keys, the last epoch ("180") is not the last key ("90").
+  healthy = record("small", "gap", 0, 11.45, train=1.98, validation=11.68)
+  assert list(healthy["validation_error_by_step"]) == ["180", "90"]
+  assert report.last_validation_error(healthy) == ablation.final_validation_error(healthy) == 11.68
+  assert ablation.describe(healthy) == (
+    "small-gap-0                validation 11.68%  test 11.45%  train  1.98%  (60 s)"
+  )
+  diverged = record("small", "gap", 1, None, failed=True, diverged=True)
+  assert math.isnan(report.last_validation_error(diverged))
+  assert ablation.final_validation_error(diverged) == float("inf")
 
 
 def test_a_best_rate_at_the_grids_edge_asks_for_the_rate_beyond_it():
