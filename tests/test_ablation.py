@@ -3,6 +3,8 @@ hand-made records whose numbers were worked out by hand."""
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -32,8 +34,8 @@ def record(
   validation: float = 12.0,
   diverged: bool = False,
 ) -> dict:
-  """A record as `ablation` writes it to disk: sorted keys, so step "90" comes after "180"."""
-  return _as_written(
+  """A record as `ablation` writes it and reads it back (keys sorted: step "90" after "180")."""
+  return _written_and_read_back(
     {
       "name": f"{setting}-{head}-{seed}",
       "setting": setting,
@@ -56,8 +58,11 @@ def record(
   )
 
 
-def _as_written(record: dict) -> dict:
-  return json.loads(json.dumps(record, sort_keys=True))
+def _written_and_read_back(record: dict) -> dict:
+  with tempfile.TemporaryDirectory() as results:
+    ablation._write(Path(results) / "runs" / f"{record['name']}.json", record)
+    (read,) = ablation.records(Path(results))
+  return read
 
 
 RECORDS = (
