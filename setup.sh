@@ -2,7 +2,9 @@
 # One-command set-up: the pinned Python packages, the offline Fashion-MNIST data (Debian's
 # dataset-fashion-mnist) that the quick start, the tests and CI train on, and the oneDNN CPU
 # layers (nin_jax/model/onednn.py), built here so that a broken toolchain fails the set-up with the
-# compiler's first error line instead of leaving training on XLA's slower kernels.
+# compiler's first error line instead of leaving training on XLA's slower kernels; then which
+# dtype is faster on this CPU (nin_jax/model/dtype_probe.py), timed once here, where nothing else
+# runs, rather than at the first training run.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -18,3 +20,4 @@ fi
 
 python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 python -m nin_jax.model.onednn_build
+python -m nin_jax.model.dtype_probe
