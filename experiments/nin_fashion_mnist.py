@@ -4,15 +4,15 @@ Command:  python -m nin_jax.main --config experiments/nin_fashion_mnist.py --wor
 Hardware: 2 CPU cores, no accelerator; three CPU kinds measured (the time depends on it):
 Expected: on an Intel Xeon with AMX: 93.89% top-1 on all 10,000 test images for seed 0
           (606 s wall clock) and 93.61% for seed 1 (629 s), ~1,800 img/s;
-          on an AMD EPYC Zen 4 (AVX512-BF16, no AMX): 93.91% in 1,087 s (seed 0) and
-          93.59% in 1,049 s (seed 1), ~1,050 img/s (figures from the report of issue 18,
-          not re-measured here);
+          on an AMD EPYC Zen 4 (AVX512-BF16, no AMX): 93.91% in 1,042 s (seed 0) and
+          93.59% in 1,024 s (seed 1), ~1,000-1,150 img/s (the report of issue 18 had the
+          same accuracies in 1,087 s and 1,049 s);
           on an AMD EPYC Zen 3 (AVX2 only): ~230 img/s; one epoch took 310 s, so ~85-90
           minutes for 18 (projected from that epoch, not a timed run);
           each with nothing else running, start-up, compilation and the final evaluation
           included; train top-1 ~97.8% at the end. The layers compute in bfloat16
           (parameters float32) on oneDNN: its bfloat16 kernels where they measured faster
-          than its float32 ones (AMX, Zen 4: 2.4x the float32 step), else its float32
+          than its float32 ones (AMX, Zen 4: 2.2-2.4x the float32 step), else its float32
           kernels on the bfloat16 values (nin_jax/model/dtype_probe.py decides at the first run
           and the trainer then advises float32, ~10% faster on the Zen 3).
 

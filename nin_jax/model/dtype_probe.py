@@ -89,6 +89,10 @@ def _layer(conv_relu):
 
 
 def _xla_conv_relu(x, w, b, strides, padding):
+  """A layer as the model writes it on XLA's kernels: a 1x1 layer is a dot over the channels
+  (nnx.Linear, nin_jax/model/layers.py), not a convolution."""
+  if w.shape[:2] == (1, 1):
+    return jax.nn.relu(jnp.dot(x, w[0, 0]) + b)
   y = jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return jax.nn.relu(y + b)
 

@@ -13,7 +13,7 @@ summation order; pools are exact).
 In bfloat16 (config dtype; the parameters stay float32) each layer accumulates in float32
 and rounds its result to bfloat16. Whether oneDNN's bfloat16 kernels are faster than its
 float32 ones is a property of the CPU that ISA names did not predict (AMX: the nin_mnist
-step 2.4x faster than float32; AVX512-BF16 on a Zen 4 EPYC: 2.4x faster too, on a Xeon
+step 2.4x faster than float32; AVX512-BF16 on a Zen 4 EPYC: 2.2-2.4x faster too, on a Xeon
 capped to the same ISA: slower; AVX2 only: not implemented), so `dtype_probe` times one
 layer both ways on the CPU at hand. Where the native kernels lose, a bfloat16 layer runs on
 the float32 kernels instead: the products of two bfloat16 numbers are exact in float32, so
