@@ -230,11 +230,7 @@ def slow_dtype_advice(dtype, platform: str) -> str | None:
   measured = timing(kernels)
   if not measured.bfloat16_slower:
     return None
-  where = (
-    "a NIN layer on oneDNN"
-    if kernels == "onednn"
-    else "nin_mnist's gradient on XLA's kernels (several CPU devices, or oneDNN off)"
-  )
+  where = "oneDNN" if kernels == "onednn" else "XLA's kernels (several CPU devices, or oneDNN off)"
   took = f"took {measured.float32_ms:.1f} ms in float32"
   took += (
     f" and {measured.bfloat16_ms:.1f} ms in bfloat16"
@@ -242,7 +238,7 @@ def slow_dtype_advice(dtype, platform: str) -> str | None:
     else ", and oneDNN has no bfloat16 kernel for it"
   )
   return (
-    f"note: on this CPU ({measured.cpu}) {where} {took} (measured once and cached; "
+    f"note: on this CPU ({measured.cpu}) a NIN layer on {where} {took} (measured once and cached; "
     f"`python -m nin_jax.model.dtype_probe --again` on a quiet machine measures anew); "
     f"--config.dtype=float32 trains faster here."
   )
