@@ -206,22 +206,6 @@ def test_the_probe_takes_each_dtypes_fastest_run_so_a_busy_machine_does_not_flip
   assert not measured.bfloat16_slower
 
 
-def test_the_xla_probe_times_the_model_on_xlas_kernels():
-  """Inside `xla_kernels()` a model has no oneDNN call even where oneDNN is on, and the probe's
-  XLA step is the nin_mnist gradient (every parameter), in the images' dtype."""
-  model = models.create_model("nin_mnist", dtype="bfloat16")
-  images = jnp.zeros((1, 28, 28, 1))
-  with onednn.xla_kernels():
-    assert not onednn.enabled()
-    hlo = jax.jit(lambda x: model(x)).lower(images).as_text()
-  assert "custom_call @nin_" not in hlo
-  with onednn.xla_kernels():
-    step = dtype_probe._model_gradient()
-    [bfloat16_images] = dtype_probe._images(jnp.bfloat16)
-    grads = step(bfloat16_images)
-  assert len(jax.tree.leaves(grads)) == 2 * 9 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-
-
 def test_again_measures_anew_in_place_of_the_cached_verdict(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv(onednn_build.CACHE_DIR, str(tmp_path))
   monkeypatch.setattr(onednn, "enabled", lambda: False)

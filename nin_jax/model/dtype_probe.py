@@ -1,20 +1,19 @@
 """Which compute dtype is faster on this CPU, measured rather than read off ISA names.
 
-`python -m nin_jax.model.dtype_probe` prints the measurement. The rule it replaces
-("bfloat16 is slow without AMX") came from a Xeon capped to AVX512-BF16 and was wrong by
-2.4x on a Zen 4 EPYC with the same instructions, so the decision is a timing, alternately in
-float32 and bfloat16, on the kernels a run would use: on oneDNN (where `onednn.enabled()`)
-one NIN layer (nin_mnist's second 5x5 convolution and the 1x1 layer after it, batch 8,
-forward and backward); on XLA's kernels the whole nin_mnist gradient at batch 8 (see
-`measure`). Each dtype's time is the fastest of its repeats, not the median: another process
-on the same cores only ever adds time, and it adds more to oneDNN's bfloat16 calls, whose
-OpenMP threads then wait for one another (on a Zen 4 EPYC under a concurrent `pip install`
-the medians were 71.5 ms in bfloat16 against 29.0 in float32, the wrong way round; quiet,
-7.0 against 12.5). A verdict of "slower" is measured a second time before it is believed,
-because it sends a run to the float32 kernels. The result is cached per CPU (model name and
-ISA flags: under a hypervisor a Zen 3 and a Zen 4 may both be "AMD EPYC"), kernel library
-and JAX version, in the private cache directory of `onednn_build`, so only the first run on
-a machine spends the few seconds (`bash setup.sh` takes it; `--again` measures anew).
+`python -m nin_jax.model.dtype_probe` prints the measurement. The rule it replaces ("bfloat16 is
+slow without AMX") came from a Xeon capped to AVX512-BF16 and was wrong by 2.4x on a Zen 4
+EPYC with the same instructions, so the decision is a timing: one NIN layer (nin_mnist's
+second 5x5 convolution and the 1x1 layer after it, batch 8), forward and backward,
+alternately in float32 and bfloat16, on the kernels a run would use (oneDNN's where
+`onednn.enabled()`, else XLA's). Each dtype's time is the fastest of its repeats, not the
+median: another process on the same cores only ever adds time, and it adds more to
+oneDNN's bfloat16 calls, whose OpenMP threads then wait for one another (on a Zen 4 EPYC
+under a concurrent `pip install` the medians were 71.5 ms in bfloat16 against 29.0 in
+float32, the wrong way round; quiet, 7.0 against 12.5). A verdict of "slower" is measured
+a second time before it is believed, because it sends a run to the float32 kernels. The result is cached per CPU (model
+name and ISA flags: under a hypervisor a Zen 3 and a Zen 4 may both be "AMD EPYC"), kernel
+library and JAX version, in the private cache directory of `onednn_build`, so only the
+first run on a machine spends the ~2 s (`bash setup.sh` takes it; `--again` measures anew).
 
 It decides two things: whether oneDNN's native bfloat16 kernels are used at all
 (`onednn_bfloat16_native`; else a bfloat16 layer runs on the float32 kernels, see
@@ -89,53 +88,31 @@ def _layer(conv_relu):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
+def _xla_conv_relu(x, w, b, strides, padding):
+  """A layer as the model writes it on XLA's kernels: a 1x1 layer is a dot over the channels
+  (nnx.Linear, nin_jax/model/layers.py), not a convolution."""
+  if w.shape[:2] == (1, 1):
+    return jax.nn.relu(jnp.dot(x, w[0, 0]) + b)
+  y = jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(y + b)
+
+
 def _operands(dtype):
   rng = np.random.default_rng(0)
   shapes = [(_BATCH, _SIZE, _SIZE, _IN), (_KERNEL, _KERNEL, _IN, _OUT), (_OUT,), (1, 1, _OUT, _IN), (_IN,)]
   return [jnp.asarray(0.05 * rng.standard_normal(shape), dtype) for shape in shapes]
 
 
-def _images(dtype):
-  """A batch of nin_mnist's inputs, in `dtype` only to say which model to run."""
-  return [jnp.asarray(np.random.default_rng(0).standard_normal((_BATCH, 28, 28, 1)), dtype)]
-
-
 def measure(kernels: str) -> Timing:
-  """Times one step in both dtypes on `kernels`: on oneDNN the layer (its native kernels of each
-  dtype); on XLA's kernels the whole nin_mnist model's gradient, because there the layer costs
-  the same in both dtypes and the rest of the step does not (Zen 4 EPYC: the layer 16.7 ms in
-  float32 and 17.6 in bfloat16, yet the default recipe's step ran at 0.7x float32's speed in
-  bfloat16, and the model's gradient took 1.3-1.5x as long, measured beside other work)."""
+  """Times the layer in both dtypes on `kernels` ("onednn": native kernels of each dtype)."""
   with jax.ensure_compile_time_eval():  # Also when first asked while a model is being traced.
-    if kernels == "onednn":
-      return _measure(_layer(onednn.native_conv_relu), kernels)
-    with onednn.xla_kernels():
-      return _measure(_model_gradient(), kernels, _images)
+    return _measure(_layer(onednn.native_conv_relu if kernels == "onednn" else _xla_conv_relu), kernels)
 
 
-def _model_gradient():
-  """`step(x, ...)`: nin_mnist's parameter gradient on images x, in x's dtype, on XLA's kernels."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from nin_jax.model import models  # pylint: disable=g-import-not-at-top  (models imports this module)
-
-  graphs = {dtype: nnx.split(models.create_model("nin_mnist", dtype=dtype)) for dtype in (jnp.float32, jnp.bfloat16)}
-
-  def loss(params, x, graph):
-    return jnp.sum(nnx.merge(graph, params)(x.astype(jnp.float32)).astype(jnp.float32))
-
-  def step(x, *_):
-    graph, params = graphs[x.dtype.type]
-    return _grad(params, x, graph)
-
-  _grad = jax.jit(jax.grad(loss), static_argnums=2)
-  return step
-
-
-def _measure(step, kernels: str, operands_of=_operands) -> Timing:
+def _measure(step, kernels: str) -> Timing:
   runs = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    operands = operands_of(dtype)
+    operands = _operands(dtype)
     try:
       jax.block_until_ready(step(*operands))
     except jax.errors.JaxRuntimeError:  # oneDNN has no such kernel on this CPU (e.g. bfloat16 on AVX2).
@@ -166,8 +143,7 @@ def _cache_file(kernels: str):
   library = onednn.library_name[0] if kernels == "onednn" else "xla"
   # XLA's kernels are slower unoptimised (as the tests run them): never one measurement for both.
   optimised = not jax.config.read("jax_disable_most_optimizations")
-  timed = f"{_BATCH},{_SIZE},{_IN},{_OUT},{_KERNEL}" if kernels == "onednn" else f"nin_mnist gradient, batch {_BATCH}"
-  key = f"{cpu_name()}|{library}|jax {jax.__version__}|optimised {optimised}|{timed}"
+  key = f"{cpu_name()}|{library}|jax {jax.__version__}|optimised {optimised}|{_BATCH},{_SIZE},{_IN},{_OUT},{_KERNEL}"
   return onednn_build.cache_dir() / f"dtype-speed-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 

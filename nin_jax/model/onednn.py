@@ -30,7 +30,6 @@ warning line. NIN_JAX_ONEDNN=0 turns it off.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -117,24 +116,9 @@ def _build_and_register() -> str | None:
   return None
 
 
-_switched_off = threading.local()
-
-
-@contextlib.contextmanager
-def xla_kernels():
-  """Models traced inside take XLA's kernels, as with NIN_JAX_ONEDNN=0 (the dtype probe's XLA timing)."""
-  _switched_off.on = True
-  try:
-    yield
-  finally:
-    _switched_off.on = False
-
-
 def enabled() -> bool:
   """Whether layers traced now run through oneDNN (see the module docstring)."""
-  if getattr(_switched_off, "on", False) or os.environ.get(SWITCH, "1") == "0":
-    return False
-  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+  if os.environ.get(SWITCH, "1") == "0" or jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   reason = _load()
   if reason is not None:
