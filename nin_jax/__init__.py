@@ -8,3 +8,7 @@ import os
 # (nin_jax.main, nin_jax.data.imagenet_prepare, the notebooks) is covered. Only logging changes;
 # a value the user set is kept.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# On a CPU with AVX512-BF16 or AMX (a Zen 4 EPYC, a Xeon) TensorFlow also turns on its own oneDNN
+# ops and says so through absl before TF_CPP_MIN_LOG_LEVEL applies. Its ops only decode and
+# resize images here (the model is JAX's), so they are left off, and with them the line.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
