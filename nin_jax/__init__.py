@@ -12,9 +12,3 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # ops and says so through absl before TF_CPP_MIN_LOG_LEVEL applies. Its ops only decode and
 # resize images here (the model is JAX's), so they are left off, and with them the line.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-# Before JAX starts its threads: a CPU step's temporaries are reused from step to step instead of
-# being faulted in anew (nin_jax/host_memory.py).
-from nin_jax import host_memory  # noqa: E402
-
-host_memory.keep_freed_memory()

@@ -202,6 +202,10 @@ def run(args) -> list[dict]:
     from nin_jax.main import use_fast_cpu_fusions  # pylint: disable=g-import-not-at-top
 
     use_fast_cpu_fusions()
+  from nin_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+  config = _config(args)
+  host_memory.keep_for(config)  # Before JAX starts its threads.
   import jax  # pylint: disable=g-import-not-at-top
 
   from nin_jax import job as job_lib  # pylint: disable=g-import-not-at-top
@@ -209,7 +213,6 @@ def run(args) -> list[dict]:
   from nin_jax.model import models, onednn
   from nin_jax.run import reporting
 
-  config = _config(args)
   with tempfile.TemporaryDirectory() as workdir:
     job = job_lib.make_job(config, workdir, None)
     trainer = train.Trainer(job, reporting.Reporter(job.workdir, total_steps=1, enabled=False))

@@ -2,19 +2,21 @@
 
 XLA:CPU allocates each step's temporaries as one block from one of its worker threads and frees
 it when the step ends (nin_imagenet, batch 32, bfloat16: 154,415,104 bytes). glibc serves a
-block that large from a worker thread's arena with mmap and unmaps it on free, so each step
+block above 32 MiB from a worker thread's arena with mmap and unmaps it on free, so each step
 faults every page of it in anew, and the kernel zeroes each one: strace showed one mmap and
-one munmap of that size per step, and getrusage 37,700 minor faults per step (154 MB in 4 KiB
-pages). With every thread on glibc's main arena, no mmap and no trimming, the block is reused
-from step to step: no faults once the heap has grown, and the step ~9% faster (AMD EPYC Zen 4,
-2 cores: 5-step repeats of 2,488-2,569 ms against 2,733-2,848 ms, four runs alternating; set
-through GLIBC_TUNABLES there, the same three settings `keep_freed_memory` makes).
+one munmap of that size per step, and getrusage 37,700 minor faults per step. With every thread
+on glibc's main arena, no mmap and no trimming, the block is reused from step to step: no
+faults once the heap has grown. On an AMD EPYC Zen 4 (2 cores, nothing else running) that made
+nin_imagenet's bfloat16 step ~9% faster (oneDNN's calls in it 465 instead of 534 ms) and
+nin_cifar10's (batch 128) ~17% (2,130 against 2,500 ms per 5 steps).
 
-The price is a process whose resident memory stays at its peak, and one malloc lock for all
-threads: nothing on a CPU training job, whose peak recurs every step, but a cost for a TPU or
-GPU host's input threads, which gain nothing here. So it applies only where JAX can compute on
-the CPU alone: no accelerator plugin installed, or JAX_PLATFORMS=cpu. NIN_JAX_KEEP_MEMORY=0
-turns it off.
+Its price: a resident set that stays at its peak (nin_imagenet +0.5 GB, nin_cifar10 +0.4-0.8 GB;
+flat over 250 steps), and one malloc lock for all threads, which made the default recipe's
+small step (nin_mnist, batch 32, bfloat16, whose temporaries stay below 32 MiB and never
+faulted) 2-3% slower: 1,142 against 1,180 img/s, best repeats, medians of seven alternating pairs. So it is
+set only for a step whose activations (`models.activation_bytes`; XLA's temporaries measured
+~1.3x that) pass `WORTH_IT`, and only where JAX can compute on the CPU alone: no accelerator
+plugin installed, or JAX_PLATFORMS=cpu. NIN_JAX_KEEP_MEMORY=0 turns it off, =1 on for any step.
 """
 
 from __future__ import annotations
@@ -26,17 +28,30 @@ import os
 import platform
 
 SWITCH = "NIN_JAX_KEEP_MEMORY"
+WORTH_IT = 24 * 2**20  # bytes of activations: temporaries of ~32 MiB, where glibc starts to map blocks
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ACCELERATOR_MODULES = ("libtpu", "jax_plugins")  # libtpu; the namespace of JAX's GPU plugins
 
 
-def keep_freed_memory() -> bool:
-  """Sets glibc's allocator to reuse freed memory (see the module docstring); whether it did.
+def keep_for(config) -> bool:
+  """`keep_freed_memory()` if a train step of `config` is big enough to gain (see above); whether
+  it did. Call it before JAX starts its threads: a thread that has already allocated keeps its
+  own arena. A config the model cannot take is left for the trainer to report."""
+  from nin_jax.model import models  # pylint: disable=g-import-not-at-top
 
-  Call it before JAX starts its threads (the package's import does): a thread that has already
-  allocated keeps its own arena.
-  """
+  try:
+    spec = models.get_spec(config.model)
+    step = models.activation_bytes(spec, config.image_size or spec.image_size, config.batch_size, config.dtype)
+  except ValueError:
+    return False
+  if os.environ.get(SWITCH) != "1" and step < WORTH_IT:
+    return False
+  return keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+  """Sets glibc's allocator to reuse freed memory (see the module docstring); whether it did."""
   if os.environ.get(SWITCH, "1") == "0" or not cpu_only() or platform.libc_ver()[0] != "glibc":
     return False
   mallopt = ctypes.CDLL(None).mallopt

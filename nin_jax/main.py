@@ -12,6 +12,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
+from nin_jax import host_memory
+
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiments/*.py config file.")
@@ -81,6 +83,7 @@ def main(argv: list[str]) -> None:
     _fail("give an output directory: --workdir DIR")
   if _FAST_CPU_FUSIONS.value:
     use_fast_cpu_fusions()
+  host_memory.keep_for(_CONFIG.value)  # Before JAX starts its threads.
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
 
   import jax  # pylint: disable=g-import-not-at-top

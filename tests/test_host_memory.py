@@ -12,11 +12,11 @@ from nin_jax import host_memory
 
 _MIB = 64  # Above glibc's largest mmap threshold (32 MiB): without the setting, each step maps it anew.
 # A jitted step with a 64 MiB temporary (XLA allocates it per call and frees it at the end) and a
-# scalar result: the minor page faults of 5 calls after 3 warm-up calls. nin_jax is imported
-# first, as every entry point does.
+# scalar result: the minor page faults of 5 calls after 3 warm-up calls.
 _FAULTS_OF_FIVE_STEPS = f"""
 import resource
-import nin_jax
+from nin_jax import host_memory
+host_memory.keep_freed_memory()  # before JAX starts, as the entry points do
 import jax, jax.numpy as jnp
 x = jnp.ones(({_MIB} * 256, 256), jnp.float32)
 w, w2 = jnp.full((256, 1024), 1 / 256), jnp.ones((1024, 16))
@@ -70,3 +70,27 @@ def test_the_switch_turns_it_off(monkeypatch):
   assert not host_memory.keep_freed_memory()
   monkeypatch.setenv(host_memory.SWITCH, "1")
   assert host_memory.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_it_is_kept_for_steps_whose_temporaries_glibc_would_map(monkeypatch):
+  from ml_collections import ConfigDict
+
+  from nin_jax.model import models
+
+  imagenet = ConfigDict(dict(model="nin_imagenet", image_size=0, batch_size=32, dtype="bfloat16"))
+  # By hand: 54*54*96*3 + 27*27*96 + 27*27*256*3 + 13*13*256 + 13*13*384*3 + 6*6*384 + 6*6*3,048
+  # = 1,831,168 values per image, 2 bytes each.
+  assert models.activation_bytes(models.get_spec("nin_imagenet"), 224, 32, "bfloat16") == 1_831_168 * 32 * 2
+  default = ConfigDict(dict(model="nin_mnist", image_size=0, batch_size=32, dtype="bfloat16"))  # 14.6 MiB
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.delenv(host_memory.SWITCH, raising=False)
+  glibc = platform.libc_ver()[0] == "glibc"
+  assert host_memory.keep_for(imagenet) is glibc
+  assert not host_memory.keep_for(default)
+  assert not host_memory.keep_for(
+    ConfigDict(dict(model="no_such_model", image_size=0, batch_size=32, dtype="bfloat16"))
+  )
+  monkeypatch.setenv(host_memory.SWITCH, "1")
+  assert host_memory.keep_for(default) is glibc
+  monkeypatch.setenv(host_memory.SWITCH, "0")
+  assert not host_memory.keep_for(imagenet)

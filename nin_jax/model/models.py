@@ -152,6 +152,19 @@ def feature_map_size(spec: ModelSpec, image_size: int) -> int:
   return size
 
 
+def activation_bytes(spec: ModelSpec, image_size: int, batch_size: int, dtype) -> int:
+  """Bytes of every layer's and pool's output for one batch: what a train step keeps for its
+  backward pass, and so the order of XLA's per-step temporaries (`nin_jax/host_memory.py`)."""
+  size, values = image_size, 0
+  for block in spec.blocks:
+    size = layers.conv_output_size(size, block.kernel_size, block.stride, block.padding)
+    values += size * size * sum(block.features)
+    if block.pool:
+      size = layers.caffe_pool_output_size(size, 3, 2)
+      values += size * size * block.features[-1]
+  return values * batch_size * jnp.dtype(resolve_dtype(dtype)).itemsize
+
+
 def layer_names(spec: ModelSpec) -> list[list[str]]:
   """Caffe's names per block: conv1, cccp1, cccp2, conv2, cccp3, ..."""
   names, cccp = [], 0
