@@ -37,13 +37,13 @@ _ACCELERATOR_MODULES = ("libtpu", "jax_plugins")  # libtpu; the namespace of JAX
 def keep_for(config) -> bool:
   """`keep_freed_memory()` if a train step of `config` is big enough to gain (see above); whether
   it did. Call it before JAX starts its threads: a thread that has already allocated keeps its
-  own arena. A config the model cannot take is left for the trainer to report."""
+  own arena."""
   from nin_jax.model import models  # pylint: disable=g-import-not-at-top
 
   try:
     spec = models.get_spec(config.model)
     step = models.activation_bytes(spec, config.image_size or spec.image_size, config.batch_size, config.dtype)
-  except ValueError:
+  except (ValueError, AttributeError, KeyError):  # no such model or key: the trainer says so
     return False
   if os.environ.get(SWITCH) != "1" and step < WORTH_IT:
     return False
