@@ -138,30 +138,32 @@ def get_spec(
   )
 
 
-def feature_map_size(spec: ModelSpec, image_size: int) -> int:
-  """Side of the last block's maps for a square input, following Caffe's rounding."""
+def _map_sizes(spec: ModelSpec, image_size: int):
+  """Each block with the side of its layers' maps and of its output (after any pool), for a
+  square input, following Caffe's rounding."""
   size = image_size
   for block in spec.blocks:
-    size = layers.conv_output_size(size, block.kernel_size, block.stride, block.padding)
-    if size < 1:
+    conv = layers.conv_output_size(size, block.kernel_size, block.stride, block.padding)
+    if conv < 1:
       raise ValueError(
         f"Image size {image_size} is too small for {spec.name}; use at least its native {spec.image_size}."
       )
-    if block.pool:
-      size = layers.caffe_pool_output_size(size, 3, 2)
+    size = layers.caffe_pool_output_size(conv, 3, 2) if block.pool else conv
+    yield block, conv, size
+
+
+def feature_map_size(spec: ModelSpec, image_size: int) -> int:
+  """Side of the last block's maps for a square input, following Caffe's rounding."""
+  *_, (_, _, size) = _map_sizes(spec, image_size)
   return size
 
 
 def activation_bytes(spec: ModelSpec, image_size: int, batch_size: int, dtype) -> int:
   """Bytes of every layer's and pool's output for one batch: what a train step keeps for its
   backward pass, and so the order of XLA's per-step temporaries (`nin_jax/host_memory.py`)."""
-  size, values = image_size, 0
-  for block in spec.blocks:
-    size = layers.conv_output_size(size, block.kernel_size, block.stride, block.padding)
-    values += size * size * sum(block.features)
-    if block.pool:
-      size = layers.caffe_pool_output_size(size, 3, 2)
-      values += size * size * block.features[-1]
+  values = 0
+  for block, conv, pooled in _map_sizes(spec, image_size):
+    values += conv * conv * sum(block.features) + (pooled * pooled * block.features[-1] if block.pool else 0)
   return values * batch_size * jnp.dtype(resolve_dtype(dtype)).itemsize
 
 
