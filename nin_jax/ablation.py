@@ -164,13 +164,19 @@ def lengthen(config: ml_collections.ConfigDict, factor: float) -> ml_collections
   return config
 
 
-def adopt(record: dict, spec: Spec, results: Path) -> dict:
+def adopt(record: dict, spec: Spec, results: Path, *, move: bool = False) -> dict:
   """Files an identical run's record under `spec` (the grid's run at the chosen learning
-  rate is the seed's main run: training it again would give the same numbers)."""
+  rate is the seed's main run: training it again would give the same numbers); `move`
+  deletes it under its old name (when a setting's length changes, e.g. the twice-as-long run
+  of the old length becomes seed 0 of the new one, whose long run then still has to train)."""
   if record["config"] != json.loads(json.dumps(spec.config.to_dict())):
     raise ValueError(f"{record['name']} did not train {spec.name}'s config; it cannot stand for it.")
-  adopted = {**record, "name": spec.name, "setting": spec.setting, "adopted_from": record["name"]}
+  trained_as = record.get("adopted_from", record["name"])  # Its workdir's name.
+  adopted = {**record, "name": spec.name, "setting": spec.setting, "adopted_from": trained_as}
   _write(record_path(results, spec), adopted)
+  old = Path(results) / "runs" / f"{record['name']}.json"
+  if move and old != record_path(results, spec):
+    old.unlink(missing_ok=True)
   return adopted
 
 

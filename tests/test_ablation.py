@@ -104,20 +104,23 @@ def test_paired_difference_uses_the_seeds_where_both_heads_are_healthy():
   assert table[2] == "| `gap` − `fc` | 3 | -1.33 | -2.77 to +0.10 | 0.0572 |"
 
 
-def test_convergence_means_the_long_run_lies_inside_the_seeds_range():
-  assert report.convergence(RECORDS, "full", "long-full", "gap") == {
-    "head": "gap",
-    "long": 11.5,
-    "low": 10.0,
-    "high": 12.0,
-    "converged": True,
-  }
-  assert not report.convergence(RECORDS, "full", "long-full", "fc")["converged"]  # 9.0 < 11.0.
+def test_convergence_means_the_long_run_lies_inside_the_seeds_prediction_interval():
+  # gap's healthy seeds 10, 12, 11: mean 11, s 1, t(0.975, 2) = 4.302653, sqrt(1 + 1/3) =
+  # 1.154701, half-width 4.968275. fc's 11, 14, 12, 13: mean 12.5, s 1.290994, t(0.975, 3) =
+  # 3.182446, sqrt(1.25) = 1.118034, half-width 4.593468.
+  gap = report.convergence(RECORDS, "full", "long-full", "gap")
+  assert (gap["low"], gap["high"]) == pytest.approx((6.031725, 15.968275), abs=1e-5)
+  assert gap["converged"] and gap["within_range"] and (gap["min"], gap["max"], gap["long"]) == (10.0, 12.0, 11.5)
+  fc = report.convergence(RECORDS, "full", "long-full", "fc")
+  assert fc["converged"] and not fc["within_range"]  # 9.0: below the range, inside the interval.
+  fc_seeds = report.runs_of(RECORDS, "full", "fc")
+  below = report.convergence(fc_seeds + [record("long-full", "fc", 0, 7.5)], "full", "long-full", "fc")
+  assert not below["converged"]  # 7.5 < 12.5 - 4.593468.
   table = report.convergence_table(RECORDS, "full", "long-full", ["gap", "fc", "fc_dropout"]).splitlines()
   assert table[2:] == [
-    "| `gap` | 10.00 – 12.00 | 11.50 | yes |",
-    "| `fc` | 11.00 – 14.00 | 9.00 | **no** |",
-    "| `fc_dropout` | – | – | not run |",
+    "| `gap` | 10.00 – 12.00 | 6.03 – 15.97 | 11.50 | yes | yes |",
+    "| `fc` | 11.00 – 14.00 | 7.91 – 17.09 | 9.00 | yes | no |",
+    "| `fc_dropout` | – | – | – | not run | – |",
   ]
 
 
@@ -269,6 +272,28 @@ def test_a_record_stands_only_for_the_config_it_trained(tmp_path):
   other = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, learning_rate=4e-3, epochs=10)
   with pytest.raises(ValueError, match="cannot stand for it"):
     ablation.adopt(grid, ablation.Spec("full", "gap", 0, other), tmp_path)
+
+
+def test_a_moved_record_leaves_its_old_name_free_and_keeps_its_workdir(tmp_path):
+  """When a setting doubles in length its old long run becomes seed 0 of the new length, and
+  the long name must be free for the new long run; an adopted record's workdir stays the one
+  it trained in."""
+  base = ablation.base_config(
+    "adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32", validation_examples=10_000
+  )
+  ten = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, learning_rate=2e-3, epochs=10)
+  twenty = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, learning_rate=2e-3, epochs=20)
+  assert json.loads(json.dumps(ablation.lengthen(ten, 2).to_dict())) == json.loads(json.dumps(twenty.to_dict()))
+  runs = tmp_path / "runs"
+  long = {**record("long-full", "gap", 0, 7.0), "config": json.loads(json.dumps(twenty.to_dict()))}
+  runs.mkdir()
+  (runs / "long-full-gap-0.json").write_text(json.dumps(long))
+  moved = ablation.adopt(long, ablation.Spec("full", "gap", 0, twenty), tmp_path, move=True)
+  assert sorted(p.name for p in runs.iterdir()) == ["full-gap-0.json"]
+  assert moved["setting"] == "full" and ablation.workdir_of(moved, "/w") == Path("/w/long-full-gap-0")
+  again = ablation.adopt(moved, ablation.Spec("short-full", "gap", 0, twenty), tmp_path, move=True)
+  assert sorted(p.name for p in runs.iterdir()) == ["short-full-gap-0.json"]
+  assert again["adopted_from"] == "long-full-gap-0"
 
 
 @pytest.mark.slow

@@ -72,6 +72,9 @@ def test_t_interval_and_paired_test_match_values_computed_by_hand():
   # half-width 2.776445 * 0.83666 / sqrt(5) = 1.03885.
   mean, low, high = analysis.t_interval([10.0, 11.0, 9.0, 10.0, 11.0])
   assert mean == pytest.approx(10.2) and (low, high) == pytest.approx((9.16115, 11.23885), abs=1e-5)
+  # One more seed's prediction interval: 2.776445 * 0.83666 * sqrt(1 + 1/5) = 2.544651.
+  mean, low, high = analysis.prediction_interval([10.0, 11.0, 9.0, 10.0, 11.0])
+  assert mean == pytest.approx(10.2) and (low, high) == pytest.approx((7.655349, 12.744651), abs=1e-5)
   # Paired: differences 1, 2, 0, 1, 3 -> mean 1.4, std 1.140175, t = 1.4 / (1.140175 / sqrt 5) = 2.745626;
   # with 4 degrees of freedom the two-sided p is 1 - (1.5 x - 0.5 x^3), x = t / sqrt(4 + t^2)
   # (the t(4) CDF in closed form) = 0.0516060; half-width 2.776445 * 0.509902 = 1.415700.
