@@ -55,6 +55,7 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
     train_examples=2048,
     small_train_examples=512,
     epochs={"full": 0.25, "small": 0.5},
+    grid_epochs=0.25,
     learning_rates=[3e-3],
     long_factor=0,
     failure_seeds=[0],
