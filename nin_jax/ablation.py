@@ -31,8 +31,9 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from etils import epath
 
-from nin_jax import ablation_report, analysis, configs, errors, train
+from nin_jax import ablation_report, analysis, configs, errors, lineage, train
 from nin_jax.data import input_pipeline
 from nin_jax.model import dtype_probe, models
 from nin_jax.run import checkpointing, lock
@@ -183,6 +184,26 @@ def adopt(record: dict, spec: Spec, results: Path, *, move: bool = False) -> dic
 def workdir_of(record: dict, workdir_root: str) -> Path:
   """Where the run of a record trained (an adopted record's run is the one it was filed from)."""
   return Path(workdir_root) / record.get("adopted_from", record["name"])
+
+
+def trained_here(record: dict, workdir_root: str) -> bool:
+  """Whether the record's run is in its workdir below `workdir_root`: the workdir exists and
+  ran the record's config. A workdir from another machine is not here, and a later run may
+  have taken over the name (after a setting's length changed, its new long run trains in
+  the workdir of the old long run, which is now seed 0)."""
+  workdir = epath.Path(workdir_of(record, workdir_root))
+  return workdir.is_dir() and lineage.effective_config(workdir) == record["config"]
+
+
+def train_again(record: dict, workdir_root: str) -> Path:
+  """Trains a recorded run again in its workdir, from its own config, to draw a run whose
+  workdir stayed on another machine. On the same kernels it is the same run bit for bit;
+  another CPU's bfloat16 kernels may round differently, so compare what is drawn with the
+  record (a dead class may not die again)."""
+  workdir = workdir_of(record, workdir_root)
+  with contextlib.redirect_stdout(io.StringIO()):
+    train.train_and_evaluate(ml_collections.ConfigDict(record["config"]), str(workdir))
+  return workdir
 
 
 def _write(path: Path, record: dict) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import nnx
 from scipy import stats
 
@@ -294,6 +295,27 @@ def test_a_moved_record_leaves_its_old_name_free_and_keeps_its_workdir(tmp_path)
   again = ablation.adopt(moved, ablation.Spec("short-full", "gap", 0, twenty), tmp_path, move=True)
   assert sorted(p.name for p in runs.iterdir()) == ["short-full-gap-0.json"]
   assert again["adopted_from"] == "long-full-gap-0"
+
+
+def test_a_run_is_here_only_where_its_workdir_ran_its_config(tmp_path):
+  """A moved record's workdir (long-full-gap-0, 20 epochs) taken over by the new long run
+  (40 epochs) must not pass for it: the figure would draw another model under its name."""
+  base = ablation.base_config(
+    "adamw_grid", dataset="fashion_mnist", model="nin_mnist", dtype="float32", validation_examples=10_000
+  )
+  twenty = ablation.run_config(base, head="gap", seed=0, train_examples=50_000, learning_rate=2e-3, epochs=20)
+  seed_0 = {
+    **record("full", "gap", 0, 7.0),
+    "adopted_from": "long-full-gap-0",
+    "config": json.loads(json.dumps(twenty.to_dict())),
+  }
+  assert not ablation.trained_here(seed_0, str(tmp_path))  # Not on this machine.
+  workdir = epath.Path(tmp_path / "long-full-gap-0")
+  workdir.mkdir()
+  workdir_lib.write_config(workdir, ablation.lengthen(twenty, 2).to_dict())
+  assert not ablation.trained_here(seed_0, str(tmp_path))  # The 40-epoch run took the name.
+  workdir_lib.write_config(workdir, twenty.to_dict())
+  assert ablation.trained_here(seed_0, str(tmp_path))
 
 
 @pytest.mark.slow
