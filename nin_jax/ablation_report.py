@@ -311,6 +311,32 @@ def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, fl
   return "\n".join(lines)
 
 
+def headline_table(records: list[dict], settings: dict[str, int], heads: list[str]) -> str:
+  """The ablation in one table, for the README: per setting and head the runs, the test
+  error with its 95% t-interval, and GAP minus that head paired over seeds."""
+  lines = [
+    "| setting | head | runs (failed) | test error % [95% CI] | `gap` − head, points [95% CI] | paired t-test p |",
+    "|---|---|---|---|---|---|",
+  ]
+  for setting, examples in settings.items():
+    runs = runs_of(records, setting)
+    length = f", {runs[0]['epochs']:g} epochs" if runs else ""
+    for i, head in enumerate(heads):
+      mine = runs_of(records, setting, head)
+      d = None if head == "gap" else paired(records, setting, "gap", head)
+      compared = d is not None and d["pairs"] > 1
+      cells = [
+        f"{setting} ({examples:,} images{length})" if i == 0 else "",
+        f"`{head}`",
+        f"{len(mine)} ({len(mine) - len(healthy(mine))})",
+        _interval([r["test_error"] for r in healthy(mine)]),
+        f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" if compared else "–",
+        f"{d['p_value']:.3g}" if compared else "–",
+      ]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def conclusion(records: list[dict], settings: dict[str, int]) -> str:
   """What the paired differences decide, per setting: only what their intervals support."""
   lines = []
@@ -325,7 +351,10 @@ def conclusion(records: list[dict], settings: dict[str, int]) -> str:
       lines.append(f"- **{setting}** ({examples:,} training images): " + analysis.verdict(f"`{a}`", f"`{b}`", d) + ".")
   failed = sum(r["failed"] for r in records if r["setting"] in settings)
   total = sum(1 for r in records if r["setting"] in settings)
-  lines.append(f"- {failed} of {total} runs failed and are left out of these comparisons (listed below).")
+  lines.append(
+    f"- {failed} of {total} runs failed and are left out of these comparisons "
+    "(the notebook lists them with their diagnosis, under *Failures*)."
+  )
   return "\n".join(lines)
 
 

@@ -286,12 +286,13 @@ for setting, examples in SETTINGS.items():
 # %% [markdown]
 # ## What the numbers say
 #
-# Written by the next cell from the paired differences above, so that it says no more than
-# their intervals do.
+# Written by the next cell from the tables above, so that it says no more than their intervals
+# do; the README's Notebooks section is this cell's output, verbatim.
 
 # %%
 unconverged = [f"`{h}` ({s})" for s in SETTINGS for h in heads
                if (c := report.convergence(records, s, f"long-{s}", h)) is not None and not c["converged"]]
 display(Markdown((f"**Provisional**: {len(missing)} runs still to train.\n\n" if missing else "")
+                 + report.headline_table(records, SETTINGS, heads) + "\n\n"
                  + report.conclusion(records, SETTINGS)
                  + ("\n- Not converged by the test above: " + ", ".join(unconverged) + "." if unconverged else "")))

@@ -43,6 +43,7 @@ def record(
       "head": head,
       "seed": seed,
       "learning_rate": lr,
+      "epochs": 10.0,
       "test_error": test,
       "train_error": train,
       "true_class_strongest_map": share,
@@ -100,6 +101,12 @@ def test_paired_difference_uses_the_seeds_where_both_heads_are_healthy():
     "(95% CI -2.77 to +0.10, paired t-test p = 0.0572, 3 seeds)."
   ) in text
   assert "too few paired healthy seeds to compare `gap` with `fc_dropout`" in text
+  headline = report.headline_table(RECORDS, {"full": 50_000}, ["gap", "fc", "fc_dropout"]).splitlines()
+  assert headline[2:] == [
+    "| full (50,000 images, 10 epochs) | `gap` | 4 (1) | 11.00 [8.52, 13.48] | – | – |",
+    "|  | `fc` | 4 (0) | 12.50 [10.45, 14.55] | -1.33 [-2.77, +0.10] | 0.0572 |",
+    "|  | `fc_dropout` | 0 (0) | – | – | – |",
+  ]
   assert "1 of 8 runs failed" in text
   table = report.paired_table(RECORDS, "full").splitlines()
   assert table[2] == "| `gap` − `fc` | 3 | -1.33 | -2.77 to +0.10 | 0.0572 |"

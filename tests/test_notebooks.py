@@ -105,13 +105,14 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
     "full-fc-0.json",
   ]
   assert len(json.loads((results / "head_ablation.json").read_text())) == 8
-  tables = [t for t in _outputs(ablation, "text/markdown") if "| head | runs (failed) |" in t]
+  tables = [t for t in _outputs(ablation, "text/markdown") if t.startswith("**") and "| head | runs (failed) |" in t]
   assert len(tables) == 2 and "**full: 2,048 training images, 1 seeds**" in tables[0]
   assert "**small: 512 training images, 1 seeds**" in tables[1]
   for table in tables:
     assert "| `gap` | 1 (" in table and "| `fc` | 1 (" in table and "| `gap` − `fc` |" in table
   assert len(_outputs(ablation, "image/png")) == 2  # The validation curves of both settings.
-  assert any("runs failed and are left out" in t for t in _outputs(ablation, "text/markdown"))
+  (said,) = [t for t in _outputs(ablation, "text/markdown") if "| setting | head |" in t]
+  assert "runs failed and are left out" in said and "| full (2,048 images, 0.25 epochs) | `gap` | 1 (" in said
 
   maps = nbformat.from_dict(
     papermill.execute_notebook(
@@ -135,7 +136,7 @@ def test_readme_shows_the_committed_runs_tables():
   """The README's Notebooks tables are the ones in the committed head_ablation outputs; while
   the ablation is still running (a notebook without outputs), the README shows no table."""
   notebook = nbformat.read(os.path.join(NOTEBOOKS, "head_ablation.ipynb"), as_version=4)
-  tables = [t.strip() for t in _outputs(notebook, "text/markdown") if "| head |" in t]
+  tables = [t.strip() for t in _outputs(notebook, "text/markdown") if "| setting | head |" in t]
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
   start, end = "<!-- head_ablation tables: begin -->", "<!-- head_ablation tables: end -->"
@@ -144,6 +145,7 @@ def test_readme_shows_the_committed_runs_tables():
   if not tables:
     assert "| head |" not in shown and "not yet" in shown, "README shows results the notebook does not hold"
     return
-  assert shown == "\n\n".join(tables), (
-    "README's head-ablation tables differ from the notebook's: copy them from notebooks/head_ablation.ipynb"
+  assert [shown] == tables, (
+    "README's head-ablation results differ from the notebook's: copy the output of its last cell "
+    "(notebooks/head_ablation.ipynb, 'What the numbers say')"
   )
