@@ -298,8 +298,37 @@ def strip_volatile(path: str) -> None:
     f.write("\n")
 
 
-if __name__ == "__main__":  # python -m nin_jax.analysis strip NOTEBOOK...
-  if sys.argv[1:2] != ["strip"] or len(sys.argv) < 3:
-    sys.exit("usage: python -m nin_jax.analysis strip NOTEBOOK.ipynb...")
-  for notebook_path in sys.argv[2:]:
-    strip_volatile(notebook_path)
+README_RESULTS = ("<!-- head_ablation tables: begin -->", "<!-- head_ablation tables: end -->")
+_RESULTS_HEADER = "| setting | head |"  # ablation_report.headline_table's first cells.
+
+
+def ablation_results(notebook_path: str) -> list[str]:
+  """The head-ablation notebook's outputs that the README shows: its last cell's headline
+  table and conclusion (none while the committed notebook has no outputs)."""
+  with open(notebook_path) as f:
+    notebook = json.load(f)
+  outputs = [o for cell in notebook["cells"] for o in cell.get("outputs", [])]
+  texts = ["".join(o.get("data", {}).get("text/markdown", "")).strip() for o in outputs]
+  return [t for t in texts if _RESULTS_HEADER in t]
+
+
+def copy_results_to_readme(notebook_path: str, readme_path: str) -> None:
+  """Puts the notebook's results between the README's markers, verbatim."""
+  (results,) = ablation_results(notebook_path)
+  start, end = README_RESULTS
+  with open(readme_path) as f:
+    before, rest = f.read().split(start)
+  with open(readme_path, "w") as f:
+    f.write(before + start + "\n" + results + "\n" + end + rest.split(end)[1])
+
+
+if __name__ == "__main__":  # python -m nin_jax.analysis strip NOTEBOOK... | readme NOTEBOOK README
+  if sys.argv[1:2] == ["strip"] and len(sys.argv) >= 3:
+    for notebook_path in sys.argv[2:]:
+      strip_volatile(notebook_path)
+  elif sys.argv[1:2] == ["readme"] and len(sys.argv) == 4:
+    copy_results_to_readme(sys.argv[2], sys.argv[3])
+  else:
+    sys.exit(
+      "usage: python -m nin_jax.analysis strip NOTEBOOK.ipynb... | readme notebooks/head_ablation.ipynb README.md"
+    )

@@ -108,3 +108,18 @@ def test_fishers_exact_test_matches_the_hypergeometric_sum_by_hand():
   p = 2 * math.comb(12, 6) / math.comb(24, 6)
   assert analysis.failure_rate_p_value(6, 12, 0, 12) == pytest.approx(p) == pytest.approx(0.0137300, abs=1e-7)
   assert analysis.failure_rate_p_value(3, 6, 3, 6) == pytest.approx(1.0)
+
+
+def test_the_ablation_results_go_into_the_readme_verbatim(tmp_path):
+  headline = "| setting | head | runs (failed) |\n|---|---|---|\n| full | `gap` | 5 (0) |\n\n- GAP is better."
+  notebook = {
+    "cells": [
+      {"cell_type": "code", "outputs": [{"output_type": "stream", "text": "| setting | head | printed"}]},
+      {"cell_type": "code", "outputs": [{"output_type": "display_data", "data": {"text/markdown": [headline]}}]},
+    ]
+  }
+  (tmp_path / "n.ipynb").write_text(json.dumps(notebook))
+  start, end = analysis.README_RESULTS
+  (tmp_path / "README.md").write_text(f"# x\n\n{start}\nResults: not yet.\n{end}\n\n## Launch\n")
+  analysis.copy_results_to_readme(str(tmp_path / "n.ipynb"), str(tmp_path / "README.md"))
+  assert (tmp_path / "README.md").read_text() == f"# x\n\n{start}\n{headline}\n{end}\n\n## Launch\n"

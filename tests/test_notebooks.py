@@ -9,6 +9,7 @@ import nbformat
 import papermill
 import pytest
 
+from nin_jax import analysis
 from nin_jax.run import lock
 from nin_jax.run import workdir as workdir_lib
 from tests.helpers import ROOT, needs_fmnist
@@ -132,20 +133,19 @@ def test_both_notebooks_run_at_a_tiny_budget(tmp_path, monkeypatch):
   assert len(_outputs(maps, "image/png")) == 2 + drawn_failed  # GAP and FC grids, and a failed run's.
 
 
-def test_readme_shows_the_committed_runs_tables():
-  """The README's Notebooks tables are the ones in the committed head_ablation outputs; while
-  the ablation is still running (a notebook without outputs), the README shows no table."""
-  notebook = nbformat.read(os.path.join(NOTEBOOKS, "head_ablation.ipynb"), as_version=4)
-  tables = [t.strip() for t in _outputs(notebook, "text/markdown") if "| setting | head |" in t]
+def test_readme_shows_the_committed_runs_results():
+  """The README's Notebooks results are the committed head_ablation notebook's last output;
+  while the ablation is still running (a notebook without outputs), the README shows none."""
+  results = analysis.ablation_results(os.path.join(NOTEBOOKS, "head_ablation.ipynb"))
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
-  start, end = "<!-- head_ablation tables: begin -->", "<!-- head_ablation tables: end -->"
+  start, end = analysis.README_RESULTS
   assert start in readme and end in readme
   shown = readme.split(start)[1].split(end)[0].strip()
-  if not tables:
+  if not results:
     assert "| head |" not in shown and "not yet" in shown, "README shows results the notebook does not hold"
     return
-  assert [shown] == tables, (
-    "README's head-ablation results differ from the notebook's: copy the output of its last cell "
-    "(notebooks/head_ablation.ipynb, 'What the numbers say')"
+  assert [shown] == results, (
+    "README's head-ablation results differ from the notebook's: "
+    "python -m nin_jax.analysis readme notebooks/head_ablation.ipynb README.md"
   )
