@@ -165,15 +165,26 @@ def lengthen(config: ml_collections.ConfigDict, factor: float) -> ml_collections
   return config
 
 
-def adopt(record: dict, spec: Spec, results: Path, *, move: bool = False) -> dict:
+def adopt(record: dict, spec: Spec, results: Path, *, move: bool = False, workdir_root: str | None = None) -> dict:
   """Files an identical run's record under `spec` (the grid's run at the chosen learning
-  rate is the seed's main run: training it again would give the same numbers); `move`
-  deletes it under its old name (when a setting's length changes, e.g. the twice-as-long run
-  of the old length becomes seed 0 of the new one, whose long run then still has to train)."""
+  rate is the seed's main run: training it again would give the same numbers).
+
+  `move` renames instead: the record leaves its old name, and so does its workdir when it
+  is below `workdir_root` (`trained_here`: a workdir of that name that ran another config,
+  such as a later run's of a freed name, stays where it is). When a setting's length
+  changes, its twice-as-long run becomes seed 0 of the new length and its runs of the old
+  length are filed apart; their names must be free, on disk too, for the runs of the new
+  length (a workdir refuses a rerun with another length)."""
   if record["config"] != json.loads(json.dumps(spec.config.to_dict())):
     raise ValueError(f"{record['name']} did not train {spec.name}'s config; it cannot stand for it.")
   trained_as = record.get("adopted_from", record["name"])  # Its workdir's name.
-  adopted = {**record, "name": spec.name, "setting": spec.setting, "adopted_from": trained_as}
+  if move and workdir_root is not None and trained_here(record, workdir_root):  # Not another run's of that name.
+    (Path(workdir_root) / trained_as).rename(Path(workdir_root) / spec.name)  # Refuses to overwrite one.
+    trained_as = spec.name
+  adopted = {k: v for k, v in record.items() if k != "adopted_from"}
+  adopted.update(
+    name=spec.name, setting=spec.setting, **({"adopted_from": trained_as} if trained_as != spec.name else {})
+  )
   _write(record_path(results, spec), adopted)
   old = Path(results) / "runs" / f"{record['name']}.json"
   if move and old != record_path(results, spec):

@@ -8,12 +8,15 @@ and listed, never averaged: the means, intervals and paired tests use the health
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from nin_jax import analysis
 
 PAPER_CIFAR10 = {"fc": 11.59, "fc_dropout": 10.88, "gap": 10.41}  # Table 5, test error %.
 COMPARISONS = (("gap", "fc"), ("gap", "fc_dropout"))  # The paper's claim: GAP has the lower error.
+MIN_SEEDS_TO_TEST = 3  # Healthy seeds a convergence verdict needs.
 
 
 def last_validation_error(record: dict) -> float:
@@ -124,7 +127,7 @@ def convergence(records: list[dict], setting: str, long_setting: str, head: str)
   converged ablation would fail one 91% of the time."""
   errors = [r["test_error"] for r in healthy(runs_of(records, setting, head))]
   long = healthy(runs_of(records, long_setting, head))
-  if len(errors) < 2 or not long:
+  if not errors or not long:
     return None
   _, low, high = analysis.prediction_interval(errors)
   value = long[0]["test_error"]
@@ -133,7 +136,9 @@ def convergence(records: list[dict], setting: str, long_setting: str, head: str)
     "long": value,
     "low": low,
     "high": high,
-    "converged": low <= value <= high,
+    "seeds": len(errors),
+    # With fewer seeds the interval is too wide to fail (t(0.975, 1) = 12.7): no verdict.
+    "converged": low <= value <= high if len(errors) >= MIN_SEEDS_TO_TEST else None,
     "min": min(errors),
     "max": max(errors),
     "within_range": min(errors) <= value <= max(errors),
@@ -151,8 +156,11 @@ def convergence_table(records: list[dict], setting: str, long_setting: str, head
     lines.append(
       f"| `{head}` | – | – | – | not run | – |"
       if c is None
-      else f"| `{head}` | {c['min']:.2f} – {c['max']:.2f} | {c['low']:.2f} – {c['high']:.2f} | {c['long']:.2f} | "
-      f"{'yes' if c['converged'] else '**no**'} | {'yes' if c['within_range'] else 'no'} |"
+      else f"| `{head}` | {c['min']:.2f} – {c['max']:.2f} | "
+      + (f"{c['low']:.2f} – {c['high']:.2f}" if c["converged"] is not None else "–")
+      + f" | {c['long']:.2f} | "
+      + {True: "yes", False: "**no**", None: f"too few seeds ({c['seeds']})"}[c["converged"]]
+      + f" | {'yes' if c['within_range'] else 'no'} |"
     )
   return "\n".join(lines)
 
@@ -309,6 +317,13 @@ def learning_rate_table(grid: list[dict], heads: list[str], chosen: dict[str, fl
       cells.append(f"**{text}**" if chosen.get(head) == lr else text)
     lines.append(f"| `{head}` | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def earlier_lengths(records: list[dict], setting: str) -> list[str]:
+  """The settings that hold `setting`'s runs at lengths it had before (`<setting>-e<epochs>`,
+  filed when a convergence test failed and the setting was lengthened), shortest first."""
+  found = {r["setting"] for r in records if re.fullmatch(rf"{re.escape(setting)}-e\d+", r["setting"])}
+  return sorted(found, key=lambda s: int(s.rsplit("-e", 1)[1]))
 
 
 def headline_table(records: list[dict], settings: dict[str, int], heads: list[str]) -> str:

@@ -132,6 +132,16 @@ def test_convergence_means_the_long_run_lies_inside_the_seeds_prediction_interva
   ]
 
 
+def test_earlier_lengths_are_found_in_order_and_two_seeds_get_no_verdict():
+  records = [record(s, "gap", 0, 8.0) for s in ("full-e20", "full-e5", "full-e10", "fullx-e1", "small-e3", "full")]
+  assert report.earlier_lengths(records, "full") == ["full-e5", "full-e10", "full-e20"]
+  two = [record("full-e20", "gap", s, e) for s, e in enumerate([6.8, 6.96])] + [record("full", "gap", 0, 6.17)]
+  verdict = report.convergence(two, "full-e20", "full", "gap")
+  assert verdict["converged"] is None and verdict["seeds"] == 2 and not verdict["within_range"]
+  row = report.convergence_table(two, "full-e20", "full", ["gap"]).splitlines()[2]
+  assert row == "| `gap` | 6.80 – 6.96 | – | 6.17 | too few seeds (2) | no |"
+
+
 def test_failures_are_listed_with_their_diagnosis_and_counted_per_recipe():
   records = RECORDS + [
     record("failure-old", "gap", 0, 20.0, failed=True),
@@ -299,9 +309,22 @@ def test_a_moved_record_leaves_its_old_name_free_and_keeps_its_workdir(tmp_path)
   moved = ablation.adopt(long, ablation.Spec("full", "gap", 0, twenty), tmp_path, move=True)
   assert sorted(p.name for p in runs.iterdir()) == ["full-gap-0.json"]
   assert moved["setting"] == "full" and ablation.workdir_of(moved, "/w") == Path("/w/long-full-gap-0")
-  again = ablation.adopt(moved, ablation.Spec("short-full", "gap", 0, twenty), tmp_path, move=True)
-  assert sorted(p.name for p in runs.iterdir()) == ["short-full-gap-0.json"]
+  again = ablation.adopt(moved, ablation.Spec("full-e20", "gap", 0, twenty), tmp_path, move=True)
+  assert sorted(p.name for p in runs.iterdir()) == ["full-e20-gap-0.json"]
   assert again["adopted_from"] == "long-full-gap-0"
+  # Where its workdir is here, the workdir moves with it and the record names it no more.
+  workdirs = epath.Path(tmp_path / "workdirs")
+  (workdirs / "long-full-gap-0").mkdir(parents=True)
+  workdir_lib.write_config(workdirs / "long-full-gap-0", ablation.lengthen(twenty, 2).to_dict())
+  kept = ablation.adopt(
+    again, ablation.Spec("full-x", "gap", 0, twenty), tmp_path, move=True, workdir_root=str(workdirs)
+  )
+  assert kept["adopted_from"] == "long-full-gap-0"  # That workdir ran the 40-epoch run: it stays.
+  assert sorted(p.name for p in workdirs.iterdir()) == ["long-full-gap-0"]
+  workdir_lib.write_config(workdirs / "long-full-gap-0", twenty.to_dict())
+  here = ablation.adopt(kept, ablation.Spec("full", "gap", 0, twenty), tmp_path, move=True, workdir_root=str(workdirs))
+  assert sorted(p.name for p in workdirs.iterdir()) == ["full-gap-0"] and "adopted_from" not in here
+  assert ablation.workdir_of(here, str(workdirs)) == Path(workdirs / "full-gap-0")
 
 
 def test_a_run_is_here_only_where_its_workdir_ran_its_config(tmp_path):
