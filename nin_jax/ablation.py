@@ -179,7 +179,7 @@ def adopt(record: dict, spec: Spec, results: Path, *, move: bool = False, workdi
     raise ValueError(f"{record['name']} did not train {spec.name}'s config; it cannot stand for it.")
   trained_as = record.get("adopted_from", record["name"])  # Its workdir's name.
   if move and workdir_root is not None and trained_here(record, workdir_root):  # Not another run's of that name.
-    (Path(workdir_root) / trained_as).rename(Path(workdir_root) / spec.name)  # Refuses to overwrite one.
+    (Path(workdir_root) / trained_as).rename(Path(workdir_root) / spec.name)  # Fails onto a non-empty one.
     trained_as = spec.name
   adopted = {k: v for k, v in record.items() if k != "adopted_from"}
   adopted.update(
