@@ -284,7 +284,15 @@ def local_sh(tmp_path, *train_args: str, num: int = 2, devices: int = 4) -> subp
     stderr=subprocess.PIPE,
     text=True,
     env={**os.environ, "PYTHON": sys.executable},
+    preexec_fn=_ctrl_c_as_from_a_terminal,
   )
+
+
+def _ctrl_c_as_from_a_terminal() -> None:
+  """A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and bash
+  cannot trap a signal that was ignored when it started: local.sh would never see the test's
+  Ctrl-C. A terminal's Ctrl-C reaches a shell whose SIGINT is at its default."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
