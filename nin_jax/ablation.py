@@ -199,9 +199,10 @@ def workdir_of(record: dict, workdir_root: str) -> Path:
 
 def trained_here(record: dict, workdir_root: str) -> bool:
   """Whether the record's run is in its workdir below `workdir_root`: the workdir exists and
-  ran the record's config. A workdir from another machine is not here, and a later run may
-  have taken over the name (after a setting's length changed, its new long run trains in
-  the workdir of the old long run, which is now seed 0)."""
+  ran the record's config. A workdir may hold another run under the record's name: a record
+  moved on another machine leaves its workdir behind there, and a run trained here since may
+  have taken the name (a setting's new long run trains where its old long run, now seed 0
+  of the new length, used to)."""
   workdir = epath.Path(workdir_of(record, workdir_root))
   return workdir.is_dir() and lineage.effective_config(workdir) == record["config"]
 

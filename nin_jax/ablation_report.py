@@ -165,6 +165,26 @@ def convergence_table(records: list[dict], setting: str, long_setting: str, head
   return "\n".join(lines)
 
 
+def convergence_caveat(records: list[dict], settings: dict[str, int], heads: list[str]) -> str:
+  """The conclusion's last line when any head of any setting is not shown converged: failed
+  the test, or untested (no long run yet, or too few seeds for a verdict). Empty otherwise."""
+  failed, untested = [], []
+  for setting in settings:
+    for head in heads:
+      c = convergence(records, setting, f"long-{setting}", head)
+      if c is None or c["converged"] is None:
+        untested.append(f"`{head}` ({setting})")
+      elif not c["converged"]:
+        failed.append(f"`{head}` ({setting})")
+  lines = [f"- Not converged by the test above: {', '.join(failed)}."] if failed else []
+  lines += (
+    [f"- Convergence not yet tested (no long run, or fewer than {MIN_SEEDS_TO_TEST} seeds): {', '.join(untested)}."]
+    if untested
+    else []
+  )
+  return "\n".join(lines)
+
+
 def diagnosis(record: dict) -> str:
   if record["diverged"]:
     return record["diagnosis"]

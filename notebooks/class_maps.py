@@ -43,9 +43,8 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from etils import epath
 
-from nin_jax import ablation, analysis, lineage
+from nin_jax import ablation, analysis
 
 
 records = {r["name"]: r for r in ablation.records(Path(results))}
@@ -60,7 +59,7 @@ def load(name: str):
   if not here(name):
     raise FileNotFoundError(f"{name}'s run is not in {workdir}: run notebooks/head_ablation.ipynb with this "
                             "workdir_root, or choose a seed whose runs are here.")
-  config = ml_collections.ConfigDict(lineage.effective_config(epath.Path(workdir)))
+  config = ml_collections.ConfigDict(records[name]["config"])  # here(): the workdir ran this config.
   model, step = analysis.load_model(str(workdir), config)
   print(f"{name}: {workdir}, checkpoint at step {step}")
   return model, config

@@ -294,9 +294,7 @@ for setting, examples in SETTINGS.items():
 # do; the README's Notebooks section is this cell's output, verbatim.
 
 # %%
-unconverged = [f"`{h}` ({s})" for s in SETTINGS for h in heads
-               if (c := report.convergence(records, s, f"long-{s}", h)) is not None and not c["converged"]]
+caveat = report.convergence_caveat(records, SETTINGS, heads)
 display(Markdown((f"**Provisional**: {len(missing)} runs still to train.\n\n" if missing else "")
                  + report.headline_table(records, SETTINGS, heads) + "\n\n"
-                 + report.conclusion(records, SETTINGS)
-                 + ("\n- Not converged by the test above: " + ", ".join(unconverged) + "." if unconverged else "")))
+                 + report.conclusion(records, SETTINGS) + ("\n" + caveat if caveat else "")))

@@ -132,6 +132,16 @@ def test_convergence_means_the_long_run_lies_inside_the_seeds_prediction_interva
   ]
 
 
+def test_the_convergence_caveat_names_failed_and_untested_heads_apart():
+  heads, settings = ["gap", "fc", "fc_dropout"], {"full": 50000}
+  assert report.convergence_caveat(RECORDS, settings, heads) == (
+    "- Convergence not yet tested (no long run, or fewer than 3 seeds): `fc_dropout` (full)."
+  )
+  below = [r for r in RECORDS if r["setting"] != "long-full" or r["head"] != "fc"] + [record("long-full", "fc", 0, 7.5)]
+  assert report.convergence_caveat(below, settings, heads[:2]) == "- Not converged by the test above: `fc` (full)."
+  assert report.convergence_caveat(RECORDS, settings, heads[:1]) == ""
+
+
 def test_earlier_lengths_are_found_in_order_and_two_seeds_get_no_verdict():
   records = [record(s, "gap", 0, 8.0) for s in ("full-e20", "full-e5", "full-e10", "fullx-e1", "small-e3", "full")]
   assert report.earlier_lengths(records, "full") == ["full-e5", "full-e10", "full-e20"]
