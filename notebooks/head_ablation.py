@@ -118,13 +118,17 @@ use_fast_cpu_fusions()  # XLA:CPU's faster dots and reductions; before JAX start
 
 from IPython.display import Markdown, display  # noqa: E402
 
-from nin_jax import ablation, analysis  # noqa: E402
+from nin_jax import ablation, analysis, host_memory  # noqa: E402
 from nin_jax import ablation_report as report  # noqa: E402
 from nin_jax.data import datasets  # noqa: E402
 
 RESULTS = Path(results)
 base = ablation.base_config(recipe, dataset=dataset, model=model, dtype=dtype,
                             validation_examples=validation_examples)
+# glibc keeps the memory a step frees, as in main.py: this step (batch 64, bfloat16) trained 1,314
+# instead of 1,028 img/s so (AMX Xeon, one core). A kernel runs threads already, so it takes only
+# when the kernel started with GLIBC_TUNABLES=$(python -m nin_jax.host_memory); else a line says so.
+host_memory.keep_for(base)
 available = train_examples or len(datasets.load_arrays(dataset).train_labels) - validation_examples
 SETTINGS = {"full": available, "small": min(small_train_examples, available)}
 TUNED = recipe == "adamw_grid"

@@ -3,7 +3,8 @@
 Each fenced `bash` command is read as a shell would read it, and checked for what can go
 stale: the module of `python -m` exists, a config file and every `--config.KEY` it is given
 exist, a script or notebook it names exists, and `launch/tpu.sh` accepts the command in its
-dry run (which prints every gcloud command and runs none). Commands that need the network
+dry run (which prints every gcloud command and runs none); an `export NAME=$(python -m
+MODULE)` runs the module, which must print one line. Commands that need the network
 or the cloud (`pip`, `gcloud`) are only parsed. The long runs themselves are exercised by
 the tests that train, launch and run the notebooks.
 """
@@ -13,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -54,6 +56,15 @@ def test_documented_command_runs_as_written(path, words):
   if words[0] == "taskset":  # `taskset -c CPUS COMMAND...`: pinned to cores, the command checked as usual.
     assert words[1] == "-c", words
     words = words[3:]
+  if words[0] == "export":  # `export NAME=$(python -m MODULE)`: the module runs and prints a value.
+    name, command = " ".join(words[1:]).split("=", 1)
+    module = re.fullmatch(r"\$\(python -m ([\w.]+)\)", command)
+    assert name.isidentifier() and module, f"{path}: {' '.join(words)}"
+    printed = subprocess.run(
+      [sys.executable, "-m", module.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert printed.stdout.strip() and "\n" not in printed.stdout.strip(), printed.stdout
+    return
   program = words[0]
   if program in ("pip", "gcloud", "ruff"):
     return  # Network, cloud or a tool of the set-up: parsed only.
