@@ -20,9 +20,10 @@ plugin installed, or JAX_PLATFORMS=cpu. NIN_JAX_KEEP_MEMORY=0 turns it off, =1 o
 
 In a process that already runs threads (a Jupyter kernel) `mallopt` comes too late: glibc
 fixes its limit on arenas when a thread first allocates, so XLA's threads still get arenas of
-their own. A step with a 64 MiB temporary then faulted 32,770 pages in 5 calls, against 0 in
-a fresh process (81,930 without the setting), and the head ablation's step in a papermill
-kernel trained ~1,000 img/s per core instead of ~1,300 (AMX Xeon). The same settings given as
+their own. A step with a 64 MiB temporary then faulted 32,770-81,925 pages in 5 calls (3 once,
+when XLA took the block from the main arena), against 0 in a fresh process (81,930 without
+it), and the head ablation's step in a papermill kernel trained ~1,000 img/s per core instead
+of ~1,300 (AMX Xeon). The same settings given as
 `GLIBC_TUNABLES` when the process starts hold for every thread (3 faults):
 `GLIBC_TUNABLES=$(python -m nin_jax.host_memory) papermill ...`.
 """

@@ -69,9 +69,10 @@ def test_a_steps_temporary_is_reused_instead_of_faulted_in_again():
 @_LINUX_WITHOUT_HUGE_PAGES[1]
 def test_a_process_with_threads_is_told_to_set_it_when_it_starts():
   pages_per_step = _MIB * 2**20 // os.sysconf("SC_PAGE_SIZE")
-  late, took, said = _faults("1", "--thread-first")
-  # Measured on the AMX Xeon: 32,770 faults, two steps' pages in five: mallopt came too late.
-  assert late >= pages_per_step and took == "False", late
+  _, took, said = _faults("1", "--thread-first")
+  # Its faults are not asserted: they depend on which thread XLA allocates from (AMX Xeon:
+  # 32,770 to 81,925 in five steps, and 3 once, when the block came from the main arena).
+  assert took == "False"
   assert "too late to set glibc" in said and "start it with GLIBC_TUNABLES=$(python -m nin_jax.host_memory)\n" in said
   tunables = subprocess.run(
     [sys.executable, "-m", "nin_jax.host_memory"], capture_output=True, text=True, check=True
