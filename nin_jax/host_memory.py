@@ -39,11 +39,11 @@ import sys
 
 SWITCH = "NIN_JAX_KEEP_MEMORY"
 WORTH_IT = 24 * 2**20  # bytes of activations: temporaries of ~32 MiB, where glibc starts to map blocks
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Every thread on the main arena, no mmap, never trim: (tunable name, mallopt parameter of malloc.h, value).
+_SETTINGS = (("arena_max", -8, 1), ("mmap_max", -4, 0), ("trim_threshold", -1, -1))
 _ACCELERATOR_MODULES = ("libtpu", "jax_plugins")  # libtpu; the namespace of JAX's GPU plugins
-# The same three settings for a process's start (glibc's tunables; -1 as a size is its largest).
-TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**64 - 1}"
+# The same settings for a process's start (glibc's tunables take sizes unsigned: -1 is the largest).
+TUNABLES = ":".join(f"glibc.malloc.{name}={value % 2**64}" for name, _, value in _SETTINGS)
 
 
 def keep_for(config) -> bool:
@@ -69,8 +69,7 @@ def keep_freed_memory() -> bool:
   if TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
     return True  # Set when the process started: every thread has them.
   mallopt = ctypes.CDLL(None).mallopt
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim
-  if not all(mallopt(parameter, value) == 1 for parameter, value in settings):
+  if not all(mallopt(parameter, value) == 1 for _, parameter, value in _SETTINGS):
     return False
   threads = threads_running()
   if threads > 1:
