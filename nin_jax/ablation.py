@@ -11,6 +11,7 @@ What a record holds, and how it is measured:
   out of the training set, never on the test set while training);
 - the test error, evaluated once at the end, and the error on the whole training split,
   both in evaluation mode (no dropout), so test - train is a real generalisation gap;
+- the wall time of the whole run, over every segment when it was stopped and resumed;
 - the diagnosis of the GAP head's known failure (`analysis.dead_classes` on the test set):
   classes never predicted and class maps zero on every test image. A run with either, or
   one that diverged, is `failed`: listed with its diagnosis and kept out of the means.
@@ -43,6 +44,9 @@ from nin_jax.run import workdir as workdir_lib
 # rates from a grid on the validation split. `paper_cifar10` is Table 5's: the fixed SGD
 # schedule of experiments/nin_cifar10.py without augmentation, the same for every head.
 RECIPES = ("adamw_grid", "paper_cifar10")
+
+# In a run's workdir: the wall seconds its stopped segments spent, added to its record's.
+SECONDS_FILE = "ablation_seconds.json"
 
 # The recipe the ablation committed before issue 19 (0.64 epochs; half its GAP runs lost a
 # class): kept to measure the failure rate that the new recipe is compared with.
@@ -314,23 +318,42 @@ def run(
   if path.exists():
     return json.loads(path.read_text())
   workdir = str(Path(workdir_root) / spec.name)
-  started = time.perf_counter()
+  earlier, started = _earlier_seconds(workdir), time.perf_counter()
+
+  def wall_seconds() -> float:
+    return earlier + time.perf_counter() - started
+
   try:
     record = _train_then_write(
       spec.config,
       workdir,
       path,
-      lambda: measure(
-        spec, workdir, time.perf_counter() - started, train_error=train_error, test_examples=test_examples
-      ),
+      lambda: measure(spec, workdir, wall_seconds(), train_error=train_error, test_examples=test_examples),
       say,
     )
   except errors.TrainingDiverged as e:
-    record = diverged_record(spec, e, time.perf_counter() - started)
+    record = diverged_record(spec, e, wall_seconds())
     _write(path, record)
+  except BaseException:  # Stopped (SIGTERM at a session's end, Ctrl-C) or crashed: it resumes.
+    _save_earlier_seconds(workdir, wall_seconds())
+    raise
   if record is not None:
     say(describe(record))
   return record
+
+
+def _earlier_seconds(workdir: str) -> float:
+  """The wall time of a run's earlier segments, so that the record of a run stopped and
+  resumed (a session ended, a host was preempted) gives the whole run's time, not its last
+  segment's."""
+  path = workdir_lib.resolve(workdir) / SECONDS_FILE
+  return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+
+
+def _save_earlier_seconds(workdir: str, seconds: float) -> None:
+  path = workdir_lib.resolve(workdir)
+  if path.is_dir():  # A run stopped before it made its workdir spent nothing worth adding.
+    workdir_lib.write_text(path / SECONDS_FILE, json.dumps({"seconds": round(seconds, 1)}) + "\n")
 
 
 def _train_then_write(config: ml_collections.ConfigDict, workdir: str, path: Path, measure_it, say) -> dict | None:

@@ -3,7 +3,11 @@ hand-made records whose numbers were worked out by hand."""
 
 import json
 import math
+import os
+import signal
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -17,7 +21,7 @@ from nin_jax import ablation, analysis, errors
 from nin_jax import ablation_report as report
 from nin_jax.data import datasets
 from nin_jax.model import models
-from nin_jax.run import lock
+from nin_jax.run import lock, preemption
 from nin_jax.run import workdir as workdir_lib
 from tests.helpers import small_config
 
@@ -401,6 +405,34 @@ def test_an_ablation_run_writes_its_record_once_and_is_read_back(tmp_path):
   assert [r["name"] for r in assembled] == ["small-gap-0"]
 
 
+def _sigterm_once_the_trainer_listens() -> None:
+  """A session's end: SIGTERM to this process as soon as the training loop's handler is in
+  place (so the stop is neither lost nor fatal, however fast the machine)."""
+  while getattr(signal.getsignal(signal.SIGTERM), "__func__", None) is not preemption.StopRequest._handle:
+    time.sleep(0.01)
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not datasets.os.path.isdir(datasets.DEBIAN_FASHION_MNIST), reason="needs dataset-fashion-mnist")
+def test_a_run_stopped_and_resumed_records_the_wall_time_of_both_segments(tmp_path):
+  config = small_config(head="gap", train_examples=256, eval_examples=0, validation_examples=1000, num_train_steps=16)
+  spec = ablation.Spec("small", "gap", 0, config)
+  train_on = lambda: ablation.run(  # noqa: E731
+    spec, str(tmp_path / "work"), tmp_path / "results", train_error=False, test_examples=100, say=print
+  )
+  threading.Thread(target=_sigterm_once_the_trainer_listens, daemon=True).start()
+  with pytest.raises(errors.Interrupted):
+    train_on()
+  first = json.loads((tmp_path / "work" / spec.name / ablation.SECONDS_FILE).read_text())["seconds"]
+  assert first > 0 and not ablation.record_path(tmp_path / "results", spec).exists()
+  started = time.perf_counter()
+  result = train_on()
+  second = time.perf_counter() - started
+  # Both segments compile and train; the second also measures, so the first is a fair share of it.
+  assert first + 0.9 * second < result["wall_seconds"] <= first + second + 0.1
+
+
 def test_a_run_held_by_another_process_is_left_to_it(tmp_path):
   """Several notebook processes share one ablation: a run whose workdir another live process
   holds is skipped here: no record, no training, a line that says why."""
@@ -412,7 +444,7 @@ def test_a_run_held_by_another_process_is_left_to_it(tmp_path):
     assert ablation.run(spec, str(tmp_path / "work"), tmp_path / "results", say=said.append) is None
   assert said == ["small-gap-0                skipped: another process is training it"]
   assert not ablation.record_path(tmp_path / "results", spec).exists()
-  assert not (workdir / "checkpoints").exists()
+  assert not (workdir / "checkpoints").exists() and not (workdir / ablation.SECONDS_FILE).exists()
 
 
 @pytest.mark.slow
