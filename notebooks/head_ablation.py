@@ -94,7 +94,7 @@ recipe = "adamw_grid"  # ablation.RECIPES: adamw_grid (above) or paper_cifar10 (
 heads = ["gap", "fc", "fc_dropout"]
 seeds = [0, 1, 2, 3, 4]  # Paired: the heads of a seed share the initialisation and data order.
 validation_examples = 10_000  # Held out of the training set; the last ones.
-train_examples = 0  # Full setting: 0 = every training image not held out.
+train_examples = 0  # Full setting (0: every training image not held out).
 small_train_examples = 5_000  # Small setting: the first N of those.
 epochs = {"full": 80, "small": 40}  # adamw_grid only; paper_cifar10 keeps its 120k steps.
 grid_epochs = 10  # The grid's length, on the full setting (adamw_grid only).
