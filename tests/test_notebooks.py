@@ -22,8 +22,11 @@ NOTEBOOKS = os.path.join(ROOT, "notebooks")
 def _cells(notebook) -> list[tuple[str, str, list]]:
   """The cells a pair shares. papermill's injected-parameters cell is left out: it records how
   the committed run was called (e.g. its workdir_root), so only the .ipynb carries it."""
-  return [(c.cell_type, c.source.strip(), c.metadata.get("tags", [])) for c in notebook.cells
-          if "injected-parameters" not in c.metadata.get("tags", [])]
+  return [
+    (c.cell_type, c.source.strip(), c.metadata.get("tags", []))
+    for c in notebook.cells
+    if "injected-parameters" not in c.metadata.get("tags", [])
+  ]
 
 
 @pytest.mark.parametrize("name", ["head_ablation", "class_maps"])
