@@ -11,7 +11,8 @@ What a record holds, and how it is measured:
   out of the training set, never on the test set while training);
 - the test error, evaluated once at the end, and the error on the whole training split,
   both in evaluation mode (no dropout), so test - train is a real generalisation gap;
-- the wall time of the whole run, over every segment when it was stopped and resumed;
+- the wall time of the whole run's training (per-epoch validation included, the final
+  measurement not), over every segment when it was stopped and resumed;
 - the diagnosis of the GAP head's known failure (`analysis.dead_classes` on the test set):
   classes never predicted and class maps zero on every test image. A run with either, or
   one that diverged, is `failed`: listed with its diagnosis and kept out of the means.
